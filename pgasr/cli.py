@@ -1,0 +1,164 @@
+"""``pgasr`` command line. Heavy modules are imported inside each subcommand so ``--help`` is
+instant. Every user error ends with a one-line message on stderr and exit status 2 — no
+traceback (set ``PGASR_DEBUG=1`` to see one)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+EXIT_USER_ERROR = 2
+
+
+class CliError(Exception):
+    """A user-facing error: printed without a traceback."""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (configs/tiny.yaml, demo.yaml, paper.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set data.slices_per_volume=40 "
+                        "(repeatable)")
+
+
+def _load(args: argparse.Namespace):
+    from pgasr.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _check_scale(scale: int) -> int:
+    if scale not in (2, 4):
+        raise CliError(f"--scale must be 2 or 4, got {scale}")
+    return scale
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from pgasr.data.synth import preview, synthesize_cohort
+
+    cfg = _load(args)
+    if args.subjects is not None:
+        cfg.synth.subjects = args.subjects
+    if args.size is not None:
+        cfg.synth.size = args.size
+    if args.slices is not None:
+        cfg.synth.slices = args.slices
+    out = args.out or cfg.synth.out_dir
+    paths = synthesize_cohort(cfg.synth, out, progress=not args.quiet)
+    print(f"wrote {len(paths)} synthetic T2 volumes to {out}")
+    if args.preview:
+        stats = preview(paths, args.preview)
+        print(f"preview: {args.preview}")
+        print(json.dumps(stats, indent=1, default=str))
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from pgasr.data.prepare import prepare
+
+    cfg = _load(args)
+    if args.source:
+        cfg.data.source = args.source
+    if args.out:
+        cfg.data.prepared_dir = args.out
+    res = prepare(cfg, progress=not args.quiet, force=args.force)
+    verb = "up to date" if res.reused else "prepared"
+    print(f"{verb}: {res.out_dir}  rows={res.rows}  subjects="
+          f"{ {k: len(v) for k, v in res.subjects.items()} }  skipped={len(res.skipped)}")
+    for s in res.skipped:
+        print(f"  skipped {s.get('file')}: {s.get('reason')}", file=sys.stderr)
+
+
+def cmd_degrade(args: argparse.Namespace) -> None:
+    from pgasr.volume import degrade_volume_file
+
+    cfg = _load(args)
+    _check_scale(args.scale)
+    degrade_volume_file(args.input, args.output, args.scale, cfg.degradation, seed=args.seed)
+    print(f"wrote LR x{args.scale} volume to {args.output}")
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pgasr",
+        description="PGASR: prior-guided anatomical alignment for MRI super-resolution.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("synth", help="write the embedded synthetic IXI-like T2 cohort (NIfTI)",
+                       description="Build IXI-like T2 volumes from the MNI152 template nilearn "
+                                   "ships (no download).")
+    _add_config_args(s)
+    s.add_argument("--out", help="output directory (default: synth.out_dir)")
+    s.add_argument("--subjects", type=int, help="number of subjects")
+    s.add_argument("--size", type=int, help="in-plane matrix size")
+    s.add_argument("--slices", type=int, help="axial slices per volume")
+    s.add_argument("--preview", metavar="PNG", help="also write a montage + statistics")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("prepare", help="IXI T2 (dir or .tar) -> normalised triplet shards + LR",
+                       description="Ingest IXI T2 volumes (or the synthetic cohort) into "
+                                   "Parquet slice-triplet shards with degraded LR per scale.")
+    _add_config_args(s)
+    s.add_argument("--source", help="IXI T2 directory or IXI-T2.tar (default: data.source)")
+    s.add_argument("--out", help="prepared directory (default: data.prepared_dir)")
+    s.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("degrade", help="make an LR volume from an HR NIfTI (blur+noise+bicubic)",
+                       description="Degrade every axial slice of an HR volume like `prepare` "
+                                   "does; the affine's in-plane voxel size grows by the scale.")
+    _add_config_args(s)
+    s.add_argument("--input", required=True, help="HR .nii/.nii.gz")
+    s.add_argument("--output", required=True, help="LR .nii/.nii.gz")
+    s.add_argument("--scale", type=int, required=True, help="2 or 4")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_degrade)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return p
+
+
+# Later modules (training, inference, evaluation, client) register their subcommands here.
+_EXTRA_COMMANDS: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from pgasr.config import ConfigError
+
+    try:
+        args.func(args)
+    except (CliError, ConfigError, ValueError, FileNotFoundError, KeyError, OSError) as e:
+        if os.environ.get("PGASR_DEBUG"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"pgasr {args.command}: error: {msg}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,336 @@
+"""Typed run configuration, loaded once at the entry point.
+
+One dataclass per concern, composed into :class:`RunConfig`. YAML files in ``configs/`` are
+loaded with :func:`load_config`; unknown keys are an error that names the key and the file,
+and ``key.sub=value`` overrides (``--set`` on every CLI) are applied after the file.
+
+Concern-specific classes that belong to a sub-package live there (``pgasr.models.config``,
+``pgasr.priors.config``) and are re-exported here so that a single import gives the whole
+vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pgasr.models.config import ModelConfig, Stage1Config, Stage2Config
+from pgasr.priors.config import PriorConfig
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "DegradationConfig",
+    "ModelConfig",
+    "PriorConfig",
+    "ResourcesConfig",
+    "RunConfig",
+    "ServeConfig",
+    "Stage1Config",
+    "Stage2Config",
+    "SynthConfig",
+    "TuneConfig",
+    "load_config",
+    "dump_config",
+    "config_to_dict",
+    "config_from_dict",
+    "apply_overrides",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+@dataclass
+class SynthConfig:
+    """Embedded synthetic IXI-like T2 cohort built from the MNI152 template nilearn ships."""
+
+    subjects: int = 8
+    size: int = 256  # in-plane matrix (pixels); the template is resampled onto it
+    slices: int = 120  # axial slices per volume (>= data.slices_per_volume + margin)
+    seed: int = 0
+    out_dir: str = "data/synth"
+
+
+@dataclass
+class DataConfig:
+    """Dataset ingest (paper Sec. 3 "Dataset")."""
+
+    source: str = "synthetic"  # "synthetic" or a directory / IXI-T2 .tar of NIfTI files
+    prepared_dir: str = "data/prepared"
+    slices_per_volume: int = 80  # central axial slices kept per subject
+    size: int = 256  # in-plane crop/pad target (pixels)
+    # Subject split; integers are counts, floats in (0, 1) are fractions of the cohort.
+    # The paper uses 300 train / 176 test subjects. Validation subjects are taken from what
+    # is left after test, before train.
+    train_subjects: float = 300
+    val_subjects: float = 0
+    test_subjects: float = 176
+    split_seed: int = 0
+    scales: list[int] = field(default_factory=lambda: [2, 4])
+    rows_per_shard: int = 240  # slice triplets per Parquet file
+    head_threshold: float = 0.1  # fraction of the 99th percentile defining "head" voxels
+
+
+@dataclass
+class DegradationConfig:
+    """LR synthesis: anisotropic Gaussian blur -> AWGN -> bicubic down-sampling.
+
+    Blur sigmas are in HR pixels and scale with the SR factor (``sigma * scale / 2``) so the
+    blur stays comparable to the sampling step; noise sigma is a fraction of the slice's
+    robust intensity range (99.5th percentile - min). See ``docs/data.md`` for the reasoning.
+    """
+
+    blur_sigma: list[float] = field(default_factory=lambda: [0.2, 1.2])  # at x2
+    blur_kernel_max: int = 21
+    noise_sigma: list[float] = field(default_factory=lambda: [0.0, 0.02])
+    seed: int = 1234
+
+
+@dataclass
+class ResourcesConfig:
+    """Ray resources. GPUs are config, never hard-coded: a GPU request on a CPU-only
+    cluster waits forever."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_prior_actor: float = 0.0
+    prior_actors: int = 2
+    max_failures: int = 2
+    storage_path: str = "runs"
+
+
+@dataclass
+class ServeConfig:
+    checkpoint: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys_env: str = "PGASR_API_KEYS"
+    api_keys_file: str = ""
+    max_body_bytes: int = 512 * 1024 * 1024
+    max_voxels: int = 512 * 512 * 512
+    request_timeout_s: float = 300.0
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 2.0
+    max_ongoing_requests: int = 8
+    gpus_per_replica: float = 0.0
+
+
+@dataclass
+class TuneConfig:
+    alpha1: list[float] = field(default_factory=lambda: [0.1])
+    alpha2: list[float] = field(default_factory=lambda: [0.1])
+    beta: list[float] = field(default_factory=lambda: [0.25])
+    search: str = "grid"  # grid | random
+    num_samples: int = 1
+    max_concurrent_trials: int = 2
+    asha: bool = True
+    grace_period: int = 1
+    reduction_factor: int = 2
+    metric: str = "val_psnr"
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs. ``name`` keys the run directory under ``run_dir``."""
+
+    name: str = "pgasr"
+    run_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain nested dict (YAML/JSON-safe) of a config dataclass."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} does not match {tp}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp)[:1] or (Any,)
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _from_dict(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)}; "
+            f"valid keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict, source: str = "<dict>", cls: type = RunConfig) -> Any:
+    """Build a config from a nested dict; unknown keys raise :class:`ConfigError`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping")
+    try:
+        cfg = _from_dict(cls, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {str(e).lstrip(': ')}") from None
+    validate(cfg, source)
+    return cfg
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str] | None, source: str = "--set") -> RunConfig:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) and re-validate."""
+    if not overrides:
+        return cfg
+    data = config_to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source}: override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for i, p in enumerate(parts[:-1]):
+            if not isinstance(node, dict) or p not in node or not isinstance(node[p], dict):
+                raise ConfigError(f"{source}: unknown key {'.'.join(parts[: i + 1])!r} in {item!r}")
+            node = node[p]
+        if parts[-1] not in node:
+            raise ConfigError(f"{source}: unknown key {key!r} in {item!r}")
+        node[parts[-1]] = _parse_scalar(raw)
+    return config_from_dict(data, source)
+
+
+def validate(cfg: RunConfig, source: str = "<config>") -> None:
+    """Semantic checks that types alone cannot express."""
+    d = cfg.data
+    for s in d.scales:
+        if s not in (2, 4):
+            raise ConfigError(f"{source}: data.scales may contain only 2 and 4, got {s}")
+    if d.slices_per_volume < 1:
+        raise ConfigError(f"{source}: data.slices_per_volume must be >= 1")
+    if d.size < 8 or d.size % 8:
+        raise ConfigError(f"{source}: data.size must be a positive multiple of 8, got {d.size}")
+    for name in ("train_subjects", "val_subjects", "test_subjects"):
+        v = getattr(d, name)
+        if v < 0:
+            raise ConfigError(f"{source}: data.{name} must be >= 0")
+    lo, hi = cfg.degradation.blur_sigma
+    if not 0 < lo <= hi:
+        raise ConfigError(f"{source}: degradation.blur_sigma must be 0 < lo <= hi")
+    nlo, nhi = cfg.degradation.noise_sigma
+    if not 0 <= nlo <= nhi:
+        raise ConfigError(f"{source}: degradation.noise_sigma must be 0 <= lo <= hi")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"{source}: device must be auto, cpu or cuda")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or defaults when ``path`` is None) and apply overrides."""
+    if path is None:
+        cfg = RunConfig()
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        cfg = config_from_dict(data or {}, str(p))
+    return apply_overrides(cfg, overrides)
+
+
+def dump_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (every run writes one)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,102 @@
+"""Prepared-shard rows -> model batches, and a small in-process reader of the shards.
+
+The same two adapters (:func:`stage1_batch`, :func:`stage2_batch`) feed the plain loop, Ray
+Train workers (from ``get_dataset_shard(...).iter_batches``) and evaluation, so every path
+sees identical tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pgasr.data import schema
+
+__all__ = ["read_split", "iter_batches", "stage1_batch", "stage2_batch", "split_files"]
+
+
+def _t(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.require(x, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
+
+
+def _prior_or_zeros(rows: Mapping, name: str, like: np.ndarray, required: bool) -> np.ndarray:
+    if name in rows:
+        return np.asarray(rows[name], dtype=np.float32)
+    if required:
+        raise KeyError(
+            f"column {name!r} missing from the shards: run the priors step "
+            "(`python jobs/priors.py` or `pgasr priors`) first, or disable ACG (model.acg=false)"
+        )
+    return np.zeros_like(like, dtype=np.float32)
+
+
+def stage1_batch(rows: Mapping[str, np.ndarray], need_prior: bool = True) -> dict[str, torch.Tensor]:
+    """Stage 1 batch: centre HR slice and its prior, ``{"hr", "prior_hr"}`` each (B, 1, H, W)."""
+    hr = np.asarray(rows[schema.HR])[:, 1:2]
+    prior = _prior_or_zeros(rows, schema.prior_hr_column(), np.asarray(rows[schema.HR]), need_prior)
+    return {"hr": _t(hr), "prior_hr": _t(prior[:, 1:2])}
+
+
+def stage2_batch(
+    rows: Mapping[str, np.ndarray], scale: int, need_prior: bool = True
+) -> dict[str, torch.Tensor]:
+    """Stage 2 batch of triplets (channel 1 = centre slice t).
+
+    Returns ``{"hr": (B,3,H,W), "lr": (B,3,H/s,W/s), "prior_lr": (B,3,H,W), "prior_hr":
+    (B,3,H,W)}``.
+    """
+    hr = np.asarray(rows[schema.HR])
+    lr_name = schema.lr_column(scale)
+    if lr_name not in rows:
+        raise KeyError(f"column {lr_name!r} missing: data was prepared without scale {scale}")
+    return {
+        "hr": _t(hr),
+        "lr": _t(np.asarray(rows[lr_name])),
+        "prior_lr": _t(_prior_or_zeros(rows, schema.prior_lr_column(scale), hr, need_prior)),
+        "prior_hr": _t(_prior_or_zeros(rows, schema.prior_hr_column(), hr, need_prior)),
+    }
+
+
+def split_files(prepared_dir: str | Path, split: str) -> list[Path]:
+    """Parquet files of one split, sorted; a clear error when the split is empty/missing."""
+    if split not in schema.SPLITS:
+        raise ValueError(f"split must be one of {schema.SPLITS}, got {split!r}")
+    d = Path(prepared_dir) / split
+    files = sorted(d.glob("*.parquet")) if d.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"no Parquet shards for split {split!r} in {prepared_dir}")
+    return files
+
+
+def _to_numpy(col: pa.ChunkedArray) -> np.ndarray:
+    arr = col.combine_chunks()
+    if isinstance(arr.type, pa.FixedShapeTensorType):
+        return arr.to_numpy_ndarray()
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def read_split(
+    prepared_dir: str | Path, split: str, columns: list[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Read a whole split into memory as ``{column: ndarray}`` (small cohorts, evaluation)."""
+    tables = [pq.read_table(f, columns=columns) for f in split_files(prepared_dir, split)]
+    table = pa.concat_tables(tables)
+    return {name: _to_numpy(table.column(name)) for name in table.column_names}
+
+
+def iter_batches(
+    data: Mapping[str, np.ndarray], batch_size: int, shuffle: bool, seed: int = 0,
+    drop_last: bool = False,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Mini-batches of row dicts from in-memory columns (seeded shuffle per call)."""
+    n = len(next(iter(data.values())))
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    stop = n - (n % batch_size) if drop_last else n
+    for i in range(0, stop, batch_size):
+        idx = order[i : i + batch_size]
+        yield {k: v[idx] for k, v in data.items()}

@@ -1,0 +1,375 @@
+"""``pgasr prepare``: IXI T2 volumes -> z-scored slice triplets + degraded LR, as Parquet shards.
+
+Paper Sec. 3 "Dataset": axial 256x256 slices, the 80 central slices per subject, z-score
+normalisation, LR by blur + noise + bicubic x2/x4. Subjects are split (seeded) into
+train/val/test before anything is written, so no subject ever lands in two splits.
+
+Memory stays bounded: one volume is in memory at a time and rows are flushed every
+``data.rows_per_shard`` triplets. Output is written to a temporary directory and renamed into
+place at the end, so an interrupted run never leaves a half-written prepared directory and
+an existing one is only replaced after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tarfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from pgasr.config import RunConfig, config_to_dict, dump_config
+from pgasr.data import schema
+from pgasr.data.degradation import degrade, slice_rng
+from pgasr.data.ixi import canonical, iter_sources, load_nifti_bytes, sha256_bytes
+from pgasr.provenance import atomic_write_text, provenance, sha256_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PrepareResult", "crop_or_pad", "prepare", "split_subjects", "volume_to_slices"]
+
+
+@dataclass
+class PrepareResult:
+    out_dir: Path
+    rows: dict[str, int] = field(default_factory=dict)
+    subjects: dict[str, list[str]] = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)
+    reused: bool = False
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def _resolve_count(value: float, n: int, name: str) -> int:
+    if value < 0:
+        raise ValueError(f"data.{name} must be >= 0")
+    if 0 < value < 1:
+        return int(round(value * n))
+    if float(value).is_integer():
+        return int(value)
+    raise ValueError(f"data.{name}={value}: use an integer count or a fraction in (0, 1)")
+
+
+def split_subjects(
+    subjects: list[str], train: float, val: float, test: float, seed: int
+) -> dict[str, list[str]]:
+    """Seeded subject-level split. Test is drawn first, then val, then train.
+
+    Counts >= 1 are numbers of subjects; values in (0, 1) are fractions of the cohort.
+
+    Raises:
+        ValueError: the requested counts exceed the number of subjects.
+    """
+    uniq = sorted(set(subjects))
+    n = len(uniq)
+    n_test = _resolve_count(test, n, "test_subjects")
+    n_val = _resolve_count(val, n, "val_subjects")
+    n_train = _resolve_count(train, n, "train_subjects")
+    if n_test + n_val + n_train > n:
+        raise ValueError(
+            f"split asks for {n_train} train + {n_val} val + {n_test} test subjects but the "
+            f"input has {n}; lower the counts or use fractions (e.g. "
+            f"--set data.train_subjects=0.6 data.test_subjects=0.3)"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    shuffled = [uniq[i] for i in order]
+    return {
+        "test": sorted(shuffled[:n_test]),
+        "val": sorted(shuffled[n_test : n_test + n_val]),
+        "train": sorted(shuffled[n_test + n_val : n_test + n_val + n_train]),
+    }
+
+
+def crop_or_pad(vol: np.ndarray, size: int, fill: float) -> np.ndarray:
+    """Centre crop / pad the first two axes of ``vol`` (X, Y, Z) to ``size`` x ``size``."""
+    out = vol
+    for axis in (0, 1):
+        n = out.shape[axis]
+        if n > size:
+            start = (n - size) // 2
+            out = np.take(out, np.arange(start, start + size), axis=axis)
+        elif n < size:
+            before = (size - n) // 2
+            pad = [(0, 0)] * out.ndim
+            pad[axis] = (before, size - n - before)
+            out = np.pad(out, pad, mode="constant", constant_values=fill)
+    return out
+
+
+def volume_to_slices(vol: np.ndarray, cfg: RunConfig) -> dict:
+    """Normalise one canonical volume and pick its central slices.
+
+    Args:
+        vol: (X, Y, Z) float32 volume in RAS+ orientation.
+        cfg: run config (``data.size``, ``data.slices_per_volume``, ``data.head_threshold``).
+
+    Returns:
+        dict with ``slices`` ((n + 2, size, size) float32 z-scored: the kept slices plus one
+        neighbour each side, edge-replicated), ``volume_index`` (the (n + 2,) source slice
+        indices), ``n`` kept slices, ``offset`` (first kept slice), ``mean``, ``std``.
+    """
+    d = cfg.data
+    if not np.isfinite(vol).all():
+        raise ValueError("volume contains NaN or inf voxels")
+    vol = crop_or_pad(vol, d.size, fill=float(vol.min()))
+    p99 = float(np.percentile(vol, 99))
+    head = vol > d.head_threshold * p99
+    if head.sum() < 16:
+        raise ValueError("volume is empty (no voxels above the head threshold)")
+    mean, std = float(vol[head].mean()), float(vol[head].std())
+    if std <= 0:
+        raise ValueError("volume has zero variance inside the head")
+    z_total = vol.shape[2]
+    n = min(d.slices_per_volume, z_total)
+    offset = (z_total - n) // 2
+    index = np.clip(np.arange(offset - 1, offset + n + 1), 0, z_total - 1)
+    slices = ((vol[:, :, index] - mean) / std).astype(np.float32)  # (X, Y, n + 2)
+    slices = np.ascontiguousarray(np.moveaxis(slices, 2, 0))  # (n + 2, X, Y)
+    return {"slices": slices, "volume_index": index, "n": n, "offset": offset,
+            "mean": mean, "std": std}
+
+
+def degrade_stack(
+    slices: np.ndarray, volume_index: np.ndarray, subject: str, scale: int, cfg: RunConfig
+) -> np.ndarray:
+    """LR of every slice in a stack, each seeded by (seed, subject, source slice, scale)."""
+    out = np.empty(
+        (len(slices), slices.shape[1] // scale, slices.shape[2] // scale), dtype=np.float32
+    )
+    for i, (s, k) in enumerate(zip(slices, volume_index)):
+        rng = slice_rng(cfg.degradation.seed, subject, int(k), scale)
+        out[i] = degrade(s, scale, rng, cfg.degradation)
+    return out
+
+
+# --------------------------------------------------------------------------- writer
+
+
+def _tensor_column(arr: np.ndarray) -> pa.Array:
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(arr))
+
+
+class _ShardWriter:
+    """Buffers triplet rows of one split and flushes fixed-size Parquet files."""
+
+    def __init__(self, out: Path, rows_per_shard: int):
+        self.out = out
+        self.rows_per_shard = rows_per_shard
+        self.buf: dict[str, list] = {}
+        self.n_buf = 0
+        self.n_files = 0
+        self.n_rows = 0
+        out.mkdir(parents=True, exist_ok=True)
+
+    def add(self, rows: dict[str, np.ndarray | list]) -> None:
+        n = len(rows[schema.SUBJECT])
+        for k, v in rows.items():
+            self.buf.setdefault(k, []).append(v)
+        self.n_buf += n
+        while self.n_buf >= self.rows_per_shard:
+            self._flush(self.rows_per_shard)
+
+    def _flush(self, n: int) -> None:
+        cols = {}
+        rest = {}
+        for k, parts in self.buf.items():
+            if k == schema.SUBJECT:
+                allv = [x for p in parts for x in p]
+                cols[k], rest[k] = allv[:n], [allv[n:]]
+            else:
+                allv = np.concatenate(parts) if len(parts) > 1 else parts[0]
+                cols[k], rest[k] = allv[:n], [allv[n:]]
+        table = pa.table({
+            k: (pa.array(v, pa.string()) if k == schema.SUBJECT
+                else pa.array(v, pa.int32()) if k == schema.SLICE
+                else _tensor_column(v))
+            for k, v in cols.items()
+        })
+        pq.write_table(table, self.out / f"part-{self.n_files:05d}.parquet")
+        self.n_files += 1
+        self.n_rows += n
+        self.buf = rest
+        self.n_buf -= n
+
+    def close(self) -> None:
+        if self.n_buf:
+            self._flush(self.n_buf)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _list_subjects(source: Path) -> list[tuple[str, str]]:
+    if source.is_dir():
+        return [(s.subject, s.name) for s in iter_sources(source)]
+    if tarfile.is_tarfile(source):
+        from pgasr.data.ixi import subject_id
+
+        with tarfile.open(source) as tf:
+            return [
+                (sid, Path(m.name).name)
+                for m in tf.getmembers()
+                if m.isfile() and (sid := subject_id(m.name))
+            ]
+    raise ValueError(f"IXI source must be a directory or a .tar archive: {source}")
+
+
+def _fingerprint(cfg: RunConfig, source: Path) -> str:
+    listing = sorted(_list_subjects(source))
+    return sha256_json({
+        "data": {k: v for k, v in config_to_dict(cfg.data).items() if k != "prepared_dir"},
+        "degradation": config_to_dict(cfg.degradation),
+        "source": listing,
+        "synth": config_to_dict(cfg.synth) if cfg.data.source == "synthetic" else None,
+    })
+
+
+def resolve_source(cfg: RunConfig, progress: bool = True) -> Path:
+    """The directory/tar to ingest; for ``data.source: synthetic`` build the cohort first."""
+    if cfg.data.source == "synthetic":
+        from pgasr.data.synth import synthesize_cohort
+
+        paths = synthesize_cohort(cfg.synth, cfg.synth.out_dir, progress=progress)
+        return Path(paths[0]).parent if paths else Path(cfg.synth.out_dir)
+    return Path(cfg.data.source)
+
+
+def prepare(
+    cfg: RunConfig,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    force: bool = False,
+) -> PrepareResult:
+    """Ingest the configured source into Parquet triplet shards (see ``pgasr.data.schema``).
+
+    A prepared directory whose manifest fingerprint matches the config and the input listing
+    is reused (returns ``reused=True``) unless ``force``.
+
+    Raises:
+        FileNotFoundError / ValueError: missing source, bad split, or no readable volume.
+    """
+    source = resolve_source(cfg, progress)
+    out = Path(out_dir or cfg.data.prepared_dir)
+    if not source.exists():
+        raise FileNotFoundError(f"IXI source not found: {source}")
+    fp = _fingerprint(cfg, source)
+    manifest_path = out / schema.MANIFEST
+    if manifest_path.is_file() and not force:
+        try:
+            old = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("fingerprint") == fp:
+            log.info("prepared data up to date in %s (fingerprint match); reusing", out)
+            return PrepareResult(out, rows=old.get("rows", {}), subjects=old.get("split", {}),
+                                 skipped=old.get("skipped", []), reused=True)
+
+    listing = _list_subjects(source)
+    if not listing:
+        raise ValueError(f"no IXI T2 files (IXI<id>-<site>-<num>-T2.nii[.gz]) found in {source}")
+    split = split_subjects([s for s, _ in listing], cfg.data.train_subjects,
+                           cfg.data.val_subjects, cfg.data.test_subjects, cfg.data.split_seed)
+    split_of = {s: name for name, subs in split.items() for s in subs}
+
+    tmp = out.parent / f".{out.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    writers = {name: _ShardWriter(tmp / name, cfg.data.rows_per_shard) for name in schema.SPLITS}
+    subjects_meta: dict[str, dict] = {}
+    skipped: list[dict] = []
+    seen: set[str] = set()
+    try:
+        it = iter_sources(source)
+        bar = tqdm(it, total=len(listing), desc="prepare", unit="vol", disable=not progress)
+        for src in bar:
+            bar.set_postfix_str(src.subject)
+            which = split_of.get(src.subject)
+            if which is None:
+                continue
+            if src.subject in seen:
+                warnings.warn(f"{src.name}: second T2 file for {src.subject}; ignored", stacklevel=2)
+                skipped.append({"file": src.name, "reason": "duplicate subject"})
+                continue
+            raw = src.read_bytes()
+            try:
+                img = load_nifti_bytes(raw, src.name)
+                vol, affine = canonical(img)
+                v = volume_to_slices(vol, cfg)
+            except ValueError as e:
+                log.warning("skipping %s: %s", src.name, e)
+                warnings.warn(f"skipping {src.name}: {e}", stacklevel=2)
+                skipped.append({"file": src.name, "subject": src.subject, "reason": str(e)})
+                continue
+            seen.add(src.subject)
+            n = v["n"]
+            rows: dict = {
+                schema.SUBJECT: [src.subject] * n,
+                schema.SLICE: np.arange(n, dtype=np.int32),
+                schema.HR: np.stack([v["slices"][i : i + 3] for i in range(n)]),
+            }
+            for scale in cfg.data.scales:
+                lr = degrade_stack(v["slices"], v["volume_index"], src.subject, scale, cfg)
+                rows[schema.lr_column(scale)] = np.stack([lr[i : i + 3] for i in range(n)])
+            writers[which].add(rows)
+            kept = v["slices"][1 : n + 1]
+            subjects_meta[src.subject] = {
+                "split": which, "file": src.name, "sha256": sha256_bytes(raw),
+                "mean": v["mean"], "std": v["std"], "n_slices": n, "slice_offset": v["offset"],
+                "source_shape": list(vol.shape), "affine": np.asarray(affine).tolist(),
+                "hr_min": float(kept.min()), "hr_max": float(kept.max()),
+            }
+        for w in writers.values():
+            w.close()
+        if not subjects_meta:
+            raise ValueError(f"no readable T2 volume in {source} ({len(skipped)} skipped)")
+        final_split = {k: [s for s in v if s in subjects_meta] for k, v in split.items()}
+        manifest = {
+            "fingerprint": fp,
+            "source": str(source),
+            "split": final_split,
+            "rows": {k: w.n_rows for k, w in writers.items()},
+            "shards": {k: w.n_files for k, w in writers.items()},
+            "subjects": subjects_meta,
+            "skipped": skipped,
+            "scales": list(cfg.data.scales),
+            "size": cfg.data.size,
+            "slices_per_volume": cfg.data.slices_per_volume,
+            "config": config_to_dict(cfg),
+            **provenance(),
+        }
+        atomic_write_text(tmp / schema.MANIFEST, json.dumps(manifest, indent=1))
+        dump_config(cfg, tmp / schema.CONFIG)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # Swap into place only now: an existing prepared dir survives any failure above.
+    if out.exists():
+        old = out.parent / f".{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+    return PrepareResult(out, rows=manifest["rows"], subjects=final_split, skipped=skipped)
+
+
+def load_manifest(prepared_dir: str | Path) -> dict:
+    """Read a prepared directory's manifest with a clear error when it is missing."""
+    p = Path(prepared_dir) / schema.MANIFEST
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"{prepared_dir} is not a prepared data directory (no {schema.MANIFEST}); "
+            "run `pgasr prepare` first"
+        )
+    return json.loads(p.read_text())

@@ -1,0 +1,110 @@
+"""Volume-level NIfTI helpers shared by ``pgasr degrade``, ``pgasr sr`` and Serve.
+
+The in-plane grid of an axial volume (slices in the third array axis) changes by an SR
+factor ``s`` while the world-space field of view stays fixed: voxel size scales by ``s`` and
+the first voxel centre moves by half the difference of voxel sizes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from pgasr.config import DegradationConfig
+from pgasr.data.degradation import degrade, slice_rng
+from pgasr.data.ixi import image_to_bytes, read_nifti_file
+
+__all__ = [
+    "check_volume",
+    "degrade_volume",
+    "degrade_volume_file",
+    "rescale_affine",
+    "volume_image",
+]
+
+
+def rescale_affine(affine: np.ndarray, factor: float) -> np.ndarray:
+    """Affine of the in-plane grid whose voxels are ``factor`` times larger (factor < 1:
+    smaller), covering the same field of view. Axis 2 (slices) is unchanged."""
+    a = np.asarray(affine, dtype=np.float64).copy()
+    shift = (factor - 1.0) / 2.0
+    a[:3, 3] = a[:3, 3] + a[:3, :3] @ np.array([shift, shift, 0.0])
+    a[:3, 0] *= factor
+    a[:3, 1] *= factor
+    return a
+
+
+def check_volume(data: np.ndarray, name: str = "volume", max_voxels: int | None = None) -> np.ndarray:
+    """Validate an input volume and return it as float32 (X, Y, Z).
+
+    Accepts 3-D, or 4-D with a singleton 4th axis. Raises ValueError with a reason for
+    anything else: wrong dimensionality, empty, too large, NaN/inf voxels, constant volume.
+    """
+    arr = np.asanyarray(data)
+    if arr.ndim == 4 and arr.shape[3] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3:
+        raise ValueError(f"{name}: expected a 3-D volume (X, Y, slices), got shape {arr.shape}")
+    if arr.size == 0 or min(arr.shape) == 0:
+        raise ValueError(f"{name}: empty volume, shape {arr.shape}")
+    if max_voxels is not None and arr.size > max_voxels:
+        raise ValueError(f"{name}: {arr.size} voxels exceeds the limit of {max_voxels}")
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise ValueError(f"{name}: unsupported voxel type {arr.dtype}")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name}: volume contains NaN or inf voxels")
+    if float(arr.max()) == float(arr.min()):
+        raise ValueError(f"{name}: volume is constant (empty image)")
+    return arr
+
+
+def volume_image(data: np.ndarray, affine: np.ndarray, template: nib.Nifti1Image | None) -> nib.Nifti1Image:
+    """A float32 NIfTI image with ``template``'s header fields, new shape/affine/zooms."""
+    header = template.header.copy() if template is not None else None
+    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine, header)
+    img.set_data_dtype(np.float32)
+    img.header.set_slope_inter(1.0, 0.0)
+    code_s = int(template.header["sform_code"]) if template is not None else 1
+    code_q = int(template.header["qform_code"]) if template is not None else 1
+    img.set_sform(affine, code=code_s or 1)
+    img.set_qform(affine, code=code_q or 1)
+    return img
+
+
+def degrade_volume(
+    img: nib.Nifti1Image, scale: int, cfg: DegradationConfig | None = None, seed: int = 0
+) -> nib.Nifti1Image:
+    """Degrade every axial slice (third array axis) of an HR volume into an LR volume."""
+    if scale not in (2, 4):
+        raise ValueError(f"scale must be 2 or 4, got {scale}")
+    vol = check_volume(img.dataobj, "input")
+    x, y, z = vol.shape
+    if x % scale or y % scale:
+        raise ValueError(f"in-plane size {x}x{y} is not divisible by {scale}")
+    lr = np.stack(
+        [degrade(vol[:, :, k], scale, slice_rng(seed, "volume", k, scale), cfg) for k in range(z)],
+        axis=2,
+    )
+    return volume_image(lr, rescale_affine(img.affine, scale), img)
+
+
+def degrade_volume_file(
+    src: str | Path, dst: str | Path, scale: int, cfg: DegradationConfig | None = None, seed: int = 0
+) -> None:
+    img = read_nifti_file(src)
+    out = degrade_volume(img, scale, cfg, seed)
+    write_nifti(out, dst)
+
+
+def write_nifti(img: nib.Nifti1Image, dst: str | Path) -> None:
+    """Write ``.nii``/``.nii.gz`` atomically (temp file + rename)."""
+    dst = Path(dst)
+    if not (dst.name.endswith(".nii") or dst.name.endswith(".nii.gz")):
+        raise ValueError(f"{dst}: output must end in .nii or .nii.gz")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.write_bytes(image_to_bytes(img, gz=dst.name.endswith(".gz")))
+    tmp.replace(dst)

@@ -1,0 +1,63 @@
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from pgasr.cli import main
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "pgasr.cli", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_help_lists_subcommands():
+    r = run("--help")
+    assert r.returncode == 0
+    for cmd in ("synth", "prepare", "degrade"):
+        assert cmd in r.stdout
+
+
+@pytest.mark.parametrize("cmd", ["synth", "prepare", "degrade"])
+def test_subcommand_help(cmd):
+    r = run(cmd, "--help")
+    assert r.returncode == 0 and "usage" in r.stdout
+
+
+def test_clear_errors_no_traceback(tmp_path, capsys):
+    assert main(["degrade", "--input", str(tmp_path / "missing.nii.gz"), "--output",
+                 str(tmp_path / "o.nii.gz"), "--scale", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "no such file" in err and "Traceback" not in err
+    txt = tmp_path / "x.txt"
+    txt.write_text("hello")
+    assert main(["degrade", "--input", str(txt), "--output", str(tmp_path / "o.nii.gz"),
+                 "--scale", "2"]) == 2
+    assert ".nii" in capsys.readouterr().err
+    vol = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.rand(16, 16, 4).astype(np.float32), np.eye(4)), vol)
+    assert main(["degrade", "--input", str(vol), "--output", str(tmp_path / "o.nii.gz"),
+                 "--scale", "3"]) == 2
+    assert "2 or 4" in capsys.readouterr().err
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.rand(16, 16).astype(np.float32), np.eye(4)), flat)
+    assert main(["degrade", "--input", str(flat), "--output", str(tmp_path / "o.nii.gz"),
+                 "--scale", "2"]) == 2
+    assert "3-D" in capsys.readouterr().err
+    assert main(["prepare", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_degrade_volume_affine(tmp_path):
+    vol = tmp_path / "v.nii.gz"
+    aff = np.array([[1.0, 0, 0, -10], [0, 1.0, 0, -20], [0, 0, 2.0, 5], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(np.random.rand(16, 16, 4).astype(np.float32) + 1, aff), vol)
+    out = tmp_path / "lr.nii.gz"
+    assert main(["degrade", "--input", str(vol), "--output", str(out), "--scale", "2"]) == 0
+    img = nib.load(out)
+    assert img.shape == (8, 8, 4)
+    np.testing.assert_allclose(img.header.get_zooms(), (2, 2, 2))
+    # field of view unchanged: the LR voxel 0 centre sits between HR voxels 0 and 1
+    np.testing.assert_allclose(img.affine[:3, 3], [-9.5, -19.5, 5])

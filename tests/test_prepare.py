@@ -1,0 +1,138 @@
+import gzip
+import json
+import tarfile
+
+import nibabel as nib
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pgasr.config import load_config
+from pgasr.data import schema
+from pgasr.data.batches import read_split, stage1_batch, stage2_batch
+from pgasr.data.prepare import crop_or_pad, prepare, split_subjects
+
+
+def _volume(seed, shape=(40, 36, 20)):
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    head = (x**2 + y**2 + (z * 0.8) ** 2) < 0.8
+    vol = head * (500 + 300 * np.sin(5 * x + seed) * np.cos(3 * y)) + rng.normal(0, 5, shape)
+    return np.clip(vol, 0, None).astype(np.int16)
+
+
+def _write_cohort(d, n=5):
+    d.mkdir(parents=True, exist_ok=True)
+    aff = np.diag([1.2, 1.2, 1.5, 1.0])
+    for i in range(n):
+        nib.save(nib.Nifti1Image(_volume(i), aff), d / f"IXI{100 + i:03d}-Guys-{i:04d}-T2.nii.gz")
+    nib.save(nib.Nifti1Image(_volume(9), aff), d / "IXI100-Guys-0000-PD.nii.gz")  # not T2
+    (d / "IXI200-HH-0001-T2.nii.gz").write_bytes(gzip.compress(b"not a nifti" * 100)[:-10])
+    return d
+
+
+def _cfg(tmp_path, **kw):
+    over = [
+        "data.source=" + str(tmp_path / "ixi"), "data.prepared_dir=" + str(tmp_path / "prep"),
+        "data.size=32", "data.slices_per_volume=8", "data.train_subjects=3",
+        "data.val_subjects=1", "data.test_subjects=2", "data.rows_per_shard=10",
+    ] + [f"{k}={v}" for k, v in kw.items()]
+    return load_config(None, over)
+
+
+def test_split_is_disjoint_deterministic_and_checked():
+    subs = [f"IXI{i:03d}" for i in range(20)]
+    a = split_subjects(subs, 10, 2, 5, seed=3)
+    b = split_subjects(subs, 10, 2, 5, seed=3)
+    assert a == b
+    sets = [set(v) for v in a.values()]
+    assert sum(len(s) for s in sets) == 17 and len(set.union(*sets)) == 17
+    assert split_subjects(subs, 0.5, 0.1, 0.25, seed=0)["train"].__len__() == 10
+    with pytest.raises(ValueError, match="lower the counts"):
+        split_subjects(subs, 300, 0, 176, seed=0)
+
+
+def test_crop_or_pad():
+    v = np.ones((10, 7, 3))
+    out = crop_or_pad(v, 8, fill=0)
+    assert out.shape == (8, 8, 3) and out[:, -1].sum() == 0 and out[:, :-1].min() == 1
+
+
+def test_prepare_directory(tmp_path):
+    _write_cohort(tmp_path / "ixi")
+    cfg = _cfg(tmp_path)
+    with pytest.warns(UserWarning, match="IXI200"):
+        res = prepare(cfg, progress=False)
+    man = json.loads((res.out_dir / schema.MANIFEST).read_text())
+    # the corrupt file was skipped and reported, the PD file ignored
+    assert [s["file"] for s in man["skipped"]] == ["IXI200-HH-0001-T2.nii.gz"]
+    assert "truncated" in man["skipped"][0]["reason"] or "corrupt" in man["skipped"][0]["reason"]
+    splits = man["split"]
+    all_subs = [s for v in splits.values() for s in v]
+    assert len(all_subs) == len(set(all_subs))
+    assert sum(man["rows"].values()) == 8 * len(all_subs)
+    tr = read_split(res.out_dir, "train")
+    assert tr[schema.HR].shape[1:] == (3, 32, 32) and tr[schema.HR].dtype == np.float32
+    assert tr["lr_x2"].shape[1:] == (3, 16, 16) and tr["lr_x4"].shape[1:] == (3, 8, 8)
+    # triplet consistency: row k's centre is row k+1's previous slice (same subject)
+    rows = [i for i, s in enumerate(tr["subject"]) if s == tr["subject"][0]]
+    order = np.argsort(tr["slice"][rows])
+    r = np.array(rows)[order]
+    np.testing.assert_array_equal(tr[schema.HR][r[0], 1], tr[schema.HR][r[1], 0])
+    np.testing.assert_array_equal(tr["lr_x2"][r[0], 1], tr["lr_x2"][r[1], 0])
+    # z-score over the head: mean ~ 0 on head voxels of the kept slab
+    sub = man["subjects"][tr["subject"][0]]
+    assert sub["std"] > 0 and sub["n_slices"] == 8 and sub["slice_offset"] == 6
+    # shards hold at most rows_per_shard rows
+    for f in (res.out_dir / "train").glob("*.parquet"):
+        assert pq.read_metadata(f).num_rows <= 10
+    # batches for both stages
+    b1 = stage1_batch({k: v[:4] for k, v in tr.items()}, need_prior=False)
+    assert b1["hr"].shape == (4, 1, 32, 32)
+    b2 = stage2_batch({k: v[:4] for k, v in tr.items()}, 4, need_prior=False)
+    assert b2["lr"].shape == (4, 3, 8, 8) and b2["prior_lr"].shape == (4, 3, 32, 32)
+    with pytest.raises(KeyError, match="priors"):
+        stage2_batch({k: v[:4] for k, v in tr.items()}, 2, need_prior=True)
+
+
+def test_prepare_is_reproducible_reused_and_tar_equivalent(tmp_path):
+    _write_cohort(tmp_path / "ixi")
+    cfg = _cfg(tmp_path)
+    with pytest.warns(UserWarning):
+        a = prepare(cfg, progress=False)
+    first = read_split(a.out_dir, "test")
+    again = prepare(cfg, progress=False)
+    assert again.reused
+    # tar input (streamed) gives bit-identical shards
+    tar = tmp_path / "IXI-T2.tar"
+    with tarfile.open(tar, "w") as tf:
+        for f in sorted((tmp_path / "ixi").iterdir()):
+            tf.add(f, arcname=f.name)
+    cfg2 = _cfg(tmp_path, **{"data.source": str(tar), "data.prepared_dir": str(tmp_path / "prep2")})
+    with pytest.warns(UserWarning):
+        b = prepare(cfg2, progress=False)
+    second = read_split(b.out_dir, "test")
+    for k in first:
+        np.testing.assert_array_equal(first[k], second[k])
+
+
+def test_failed_prepare_keeps_existing_output(tmp_path):
+    _write_cohort(tmp_path / "ixi")
+    cfg = _cfg(tmp_path)
+    with pytest.warns(UserWarning):
+        res = prepare(cfg, progress=False)
+    before = (res.out_dir / schema.MANIFEST).read_text()
+    bad = _cfg(tmp_path, **{"data.train_subjects": 50})
+    with pytest.raises(ValueError, match="split"):
+        prepare(bad, progress=False, force=True)
+    assert (res.out_dir / schema.MANIFEST).read_text() == before
+
+
+def test_missing_source(tmp_path):
+    cfg = _cfg(tmp_path, **{"data.source": str(tmp_path / "nope")})
+    with pytest.raises(FileNotFoundError):
+        prepare(cfg, progress=False)
+    (tmp_path / "empty").mkdir()
+    cfg = _cfg(tmp_path, **{"data.source": str(tmp_path / "empty")})
+    with pytest.raises(ValueError, match="no IXI T2"):
+        prepare(cfg, progress=False)
