@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 EXIT_USER_ERROR = 2
 
@@ -83,6 +84,64 @@ def cmd_degrade(args: argparse.Namespace) -> None:
     print(f"wrote LR x{args.scale} volume to {args.output}")
 
 
+def cmd_train_local(args: argparse.Namespace) -> None:
+    from pgasr.training import train_local
+
+    cfg = _load(args)
+    data = args.data or _default_data_dir(cfg)
+    out = args.out or str(Path(cfg.run_dir) / f"local-stage{args.stage}")
+    res = train_local(args.stage, cfg, data, out, stage1_checkpoint=args.stage1,
+                      progress=not args.quiet)
+    print(f"checkpoint: {res.checkpoint}  steps={res.steps}  metrics={res.metrics}")
+
+
+def _default_data_dir(cfg) -> str:
+    from pgasr.data.schema import priors_dir
+
+    p = priors_dir(cfg.data.prepared_dir)
+    return str(p) if (p / "manifest.json").is_file() else cfg.data.prepared_dir
+
+
+def cmd_sr(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from pgasr.data.ixi import read_nifti_file
+    from pgasr.inference import Predictor
+    from pgasr.volume import write_nifti
+
+    _check_scale(args.scale)
+    out = Path(args.output)
+    if not (out.name.endswith(".nii") or out.name.endswith(".nii.gz")):
+        raise CliError(f"--output must end in .nii or .nii.gz: {out}")
+    img = read_nifti_file(args.input)
+    pred = Predictor.from_checkpoint(args.checkpoint, device=args.device, bf16=args.bf16)
+    bar = tqdm(total=img.shape[2] if len(img.shape) > 2 else 0, desc="sr", unit="slice",
+               disable=args.quiet)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    sr = pred.predict_image(img, args.scale, progress=progress)
+    bar.close()
+    write_nifti(sr, out)
+    print(f"wrote {out}  shape={sr.shape}  voxel={tuple(round(float(z), 4) for z in sr.header.get_zooms()[:3])}"
+          f"  prior={pred.prior.describe().get('backend')}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from pgasr.evaluate import evaluate
+
+    _check_scale(args.scale)
+    out = args.out or str(Path(args.checkpoint) / f"eval_x{args.scale}")
+    res = evaluate(args.checkpoint, args.data, args.scale, out, split=args.split,
+                   max_slices_per_subject=args.max_slices)
+    s = res["summary"]
+    print(f"x{args.scale} {args.split}: PSNR {s['psnr']['mean']:.3f} (bicubic "
+          f"{s['bicubic_psnr']['mean']:.3f}), SSIM {s['ssim']['mean']:.4f}, "
+          f"KL(HR||LR) {res['codebook']['kl_hr_lr']:.4f}; written to {out}")
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -126,6 +185,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", type=int, required=True, help="2 or 4")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_degrade)
+
+    s = sub.add_parser("train-local", help="train stage 1 or 2 in one process (no Ray)",
+                       description="Plain single-process training loop over prepared shards; "
+                                   "the same step functions the Ray jobs run.")
+    _add_config_args(s)
+    s.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    s.add_argument("--data", help="prepared (+priors) directory (default from config)")
+    s.add_argument("--out", help="checkpoint directory (default: RUN_DIR/local-stageN)")
+    s.add_argument("--stage1", help="stage-1 checkpoint (stage 2 only)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_train_local)
+
+    s = sub.add_parser("sr", help="super-resolve an LR NIfTI volume with a checkpoint",
+                       description="LR .nii/.nii.gz (axial slices in the third axis) -> SR "
+                                   "volume; in-plane size x scale, affine updated, header kept.")
+    s.add_argument("--checkpoint", required=True, help="stage-2 checkpoint directory")
+    s.add_argument("--scale", type=int, required=True, help="2 or 4")
+    s.add_argument("--input", required=True, help="LR .nii/.nii.gz")
+    s.add_argument("--output", required=True, help="SR .nii/.nii.gz")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    s.add_argument("--bf16", action="store_true", help="bfloat16 autocast on GPU")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_sr)
+
+    s = sub.add_parser("evaluate", help="PSNR/SSIM/LPIPS + codebook KL on a prepared split",
+                       description="Evaluate a stage-2 checkpoint against bicubic on the test "
+                                   "split; JSON + Markdown + PNGs.")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--data", required=True, help="prepared (+priors) directory")
+    s.add_argument("--scale", type=int, required=True)
+    s.add_argument("--split", default="test", choices=("train", "val", "test"))
+    s.add_argument("--out", help="output directory (default: CHECKPOINT/eval_xS)")
+    s.add_argument("--max-slices", type=int, default=None, help="per subject, evenly spaced")
+    s.set_defaults(func=cmd_evaluate)
 
     for register in _EXTRA_COMMANDS:
         register(sub)

@@ -150,6 +150,7 @@ class RunConfig:
     run_dir: str = "runs"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    nan_policy: str = "error"  # error | skip: a non-finite training loss raises, or is skipped
     synth: SynthConfig = field(default_factory=SynthConfig)
     data: DataConfig = field(default_factory=DataConfig)
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
@@ -310,6 +311,8 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
     nlo, nhi = cfg.degradation.noise_sigma
     if not 0 <= nlo <= nhi:
         raise ConfigError(f"{source}: degradation.noise_sigma must be 0 <= lo <= hi")
+    if cfg.nan_policy not in ("error", "skip"):
+        raise ConfigError(f"{source}: nan_policy must be error or skip")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"{source}: device must be auto, cpu or cuda")
 

@@ -35,6 +35,8 @@ prior_lr_x4    float16     (3, H, W)              prior of the bicubic-upsampled
 
 from __future__ import annotations
 
+from pathlib import Path
+
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
@@ -56,3 +58,10 @@ def prior_hr_column() -> str:
 def prior_lr_column(scale: int) -> str:
     """Prior computed on the bicubic-upsampled LR at ``scale`` (HR grid)."""
     return f"prior_lr_x{int(scale)}"
+
+
+def priors_dir(prepared_dir: str | Path) -> Path:
+    """Where the priors job writes the shards with prior columns added (a sibling of the
+    prepared directory, never the prepared directory itself)."""
+    p = Path(prepared_dir)
+    return p.with_name(p.name + "_priors")

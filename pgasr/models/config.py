@@ -1,4 +1,10 @@
-"""Model and training-stage configs (owned by the model code; re-exported by pgasr.config)."""
+"""Model and training-stage configs (owned by the model code; re-exported by pgasr.config).
+
+Field names follow the paper's vocabulary (``beta``, ``alpha1``, ``alpha2``, ``acg``, ``scab``,
+``align_s``, ``align_d``, ``tau``). Design choices the paper leaves open are explained in
+``docs/model.md``; the defaults here are a *modest* CPU-friendly preset (``configs/paper.yaml``
+widens the network for GPUs).
+"""
 
 from __future__ import annotations
 
@@ -9,18 +15,26 @@ from dataclasses import dataclass, field
 class ModelConfig:
     """Architecture of Ê/E, Z, G, D and SCAB (paper Sec. 2, Sec. 3 "Implementation Detail")."""
 
-    latent_factor: int = 2  # f: HR pixels per latent position along each axis (1, 2, 4, 8)
-    channels: list[int] = field(default_factory=lambda: [64, 64, 96, 96])  # the 4 encoder levels
-    n_z: int = 64  # code dimension
+    # f: HR pixels per latent position along each axis (1, 2, 4, 8). Stage 2 decodes with the
+    # frozen G, so the stage-1 reconstruction at this f is a hard ceiling on SR quality; see the
+    # latent sweep in docs/model.md for why 2 is the default.
+    latent_factor: int = 2
+    channels: list[int] = field(default_factory=lambda: [32, 32, 48, 48])  # the 4 encoder levels
+    n_z: int = 32  # code dimension
     codebook_size: int = 256  # N (paper: 256 for all experiments)
-    window_size: int = 8  # DAT spatial window
+    codebook_init: str = "data"  # data (first batch's encoder outputs) | uniform (taming)
+    window_size: int = 8  # DAT spatial window (inputs are padded to a multiple and cropped back)
     num_heads: int = 4
-    mlp_ratio: float = 2.0
-    decoder_channels: int = 96
-    disc_channels: int = 64
+    mlp_ratio: float = 2.0  # SGFN hidden width / dim
+    dat_depth: int = 2  # transformer blocks per DAT stage, alternating spatial / channel
+    decoder_channels: int = 48
+    disc_channels: int = 32
     disc_layers: int = 3
     acg: bool = True  # prior channel in the input (Table 2 "ACG")
     scab: bool = True  # spatial cross-attention block in stage 2 (Table 2 "SCAB")
+    # "concat": SCAB keys/values are the tokens of both neighbours (t-1 and t+1);
+    # "literal": keys from t-1, values from t+1 (a literal reading of Sec. 2.2).
+    scab_mode: str = "concat"
 
 
 @dataclass
@@ -31,14 +45,17 @@ class Stage1Config:
     batch_size: int = 16
     lr: float = 1e-4
     lr_halve_every: int = 10  # epochs
-    beta: float = 0.25
+    beta: float = 0.25  # weight of the commitment term (Eq. 3)
     l1_weight: float = 1.0
     perceptual_weight: float = 1.0
     perceptual: str = "auto"  # auto | lpips | fallback | none
-    adv_weight: float = 0.1
+    lpips_net: str = "alex"  # alex | vgg (backbone of LPIPS when available)
+    adv_weight: float = 0.1  # disc weight multiplying taming's adaptive weight
+    adaptive_weight_max: float = 1e4  # clamp of the adaptive weight (taming)
     disc_start: int = 2000  # step at which the adversarial term switches on
     max_steps: int = 0  # 0 = no cap
     dead_code_restart: bool = False
+    dead_code_after: int = 200  # steps without use before a code counts as dead
     log_every: int = 50
     val_every: int = 1  # epochs
     bf16: bool = False
@@ -55,9 +72,12 @@ class Stage2Config:
     lr_halve_every: int = 10
     alpha1: float = 0.1  # weight of L_align_s
     alpha2: float = 0.1  # weight of L_align_d
-    tau: float = 1.0  # temperature of softmax(-d / tau) over code distances
+    # Temperature of a = softmax(-d / tau) over squared code distances d (Sec. 2.2); the
+    # distances are divided by n_z first so tau does not depend on the code dimension.
+    tau: float = 1.0
     align_s: bool = True
     align_d: bool = True
+    commit_weight: float = 0.0  # optional ||sg[z_q] - E(x)||^2 term; 0 = Eq. 5 exactly
     scale: int = 2
     stage1_checkpoint: str = ""
     max_steps: int = 0

@@ -1,0 +1,80 @@
+"""Anatomical priors S (paper Sec. 2.1): segment a slice, sum the masks, normalise to [0, 1].
+
+Backends (``PRIORS``): ``sam`` -- SAM's automatic mask generator (needs weights);
+``tissue`` -- embedded multi-Otsu tissue classes + connected components (no weights).
+``build_prior(cfg)`` resolves ``prior.backend: auto`` to SAM when a checkpoint is configured,
+else to ``tissue`` with a WARNING; ``prior.describe()`` records which one ran and why, and
+:func:`check_backend_match` refuses to serve a model with priors it was not trained on.
+
+Stage 1 uses priors of HR slices; stage 2 and inference use priors of ``lr_up``
+(:func:`upsample_bicubic` of the LR slice onto the HR grid).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pgasr.priors.base import (
+    PRIOR_DTYPE,
+    Prior,
+    PriorMismatchError,
+    check_backend_match,
+    sum_normalise,
+    to_uint8_rgb,
+    upsample_bicubic,
+    window,
+)
+from pgasr.priors.cache import CachedPrior, PriorCache, slice_key
+from pgasr.priors.config import PriorConfig
+from pgasr.priors.sam import SAM_CHECKPOINT_ENV, SamPrior, resolve_checkpoint
+from pgasr.priors.tissue import TissuePrior
+
+__all__ = [
+    "PRIORS", "PRIOR_DTYPE", "CachedPrior", "Prior", "PriorCache", "PriorConfig",
+    "PriorMismatchError", "SamPrior", "TissuePrior", "build_prior", "cached_prior",
+    "check_backend_match", "resolve_backend", "slice_key", "sum_normalise", "to_uint8_rgb",
+    "upsample_bicubic", "window",
+]
+
+log = logging.getLogger("pgasr.priors")
+
+PRIORS: dict[str, type[Prior]] = {"sam": SamPrior, "tissue": TissuePrior}
+
+
+def resolve_backend(cfg: PriorConfig) -> tuple[str, str | None]:
+    """``(backend name, fallback reason or None)`` for a config, without building anything.
+
+    ``auto`` -> ``sam`` when ``prior.sam_checkpoint`` / ``$PGASR_SAM_CHECKPOINT`` is set,
+    else ``tissue`` (reason given). A configured but broken checkpoint is an error at build
+    time, never a silent fallback.
+    """
+    b = cfg.backend
+    if b == "auto":
+        if resolve_checkpoint(cfg):
+            return "sam", None
+        return "tissue", (f"backend 'auto' and no SAM checkpoint configured "
+                          f"(prior.sam_checkpoint / {SAM_CHECKPOINT_ENV})")
+    if b not in PRIORS:
+        raise ValueError(f"prior.backend must be 'auto' or one of {sorted(PRIORS)}, got {b!r}")
+    return b, None
+
+
+def build_prior(cfg: PriorConfig | None = None) -> Prior:
+    """The prior backend a config asks for (uncached; see :func:`cached_prior`).
+
+    Raises:
+        ValueError / FileNotFoundError: unknown backend, SAM without (valid) weights.
+    """
+    cfg = cfg or PriorConfig()
+    name, reason = resolve_backend(cfg)
+    if reason:
+        log.warning("ANATOMICAL PRIOR FALLBACK: using the embedded 'tissue' backend, not SAM "
+                    "-- %s. Models trained now need the tissue backend at inference; "
+                    "see docs/priors.md to use SAM.", reason)
+    return PRIORS[name](cfg, fallback_reason=reason, requested=cfg.backend)
+
+
+def cached_prior(cfg: PriorConfig | None = None) -> CachedPrior:
+    """:func:`build_prior` behind the on-disk cache at ``cfg.cache_dir`` (if ``cfg.cache``)."""
+    cfg = cfg or PriorConfig()
+    return CachedPrior(build_prior(cfg), cfg.cache_dir if cfg.cache else None)

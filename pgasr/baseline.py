@@ -1,0 +1,98 @@
+"""A plain residual CNN super-resolver: the yardstick PGASR has to beat at equal budget.
+
+VDSR-style (Kim et al., CVPR 2016, shallower): the bicubic-upsampled centre LR slice goes
+through ``depth`` 3x3 conv + ReLU layers and the output is added back to the input, trained
+with L1. No priors, no codebook, no neighbours. If PGASR cannot beat this at the same CPU
+budget, something in the codebook pipeline is the bottleneck (see docs/model.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pgasr.data import schema
+from pgasr.data.batches import iter_batches
+from pgasr.metrics import psnr, ssim
+
+__all__ = ["ResidualCNN", "train_baseline", "evaluate_baseline"]
+
+
+class ResidualCNN(nn.Module):
+    """``depth`` conv layers with a global residual: sr = lr_up + f(lr_up).
+
+    Args:
+        depth: number of conv layers (>= 2).
+        width: channels of the hidden layers.
+    """
+
+    def __init__(self, depth: int = 9, width: int = 48):
+        super().__init__()
+        if depth < 2:
+            raise ValueError("depth must be >= 2")
+        layers: list[nn.Module] = [nn.Conv2d(1, width, 3, padding=1), nn.ReLU(inplace=True)]
+        for _ in range(depth - 2):
+            layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True)]
+        layers.append(nn.Conv2d(width, 1, 3, padding=1))
+        self.body = nn.Sequential(*layers)
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
+
+    def forward(self, lr_up: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) bicubic-upsampled LR -> (B, 1, H, W) SR."""
+        return lr_up + self.body(lr_up)
+
+
+def _centre(rows: Mapping[str, np.ndarray], scale: int) -> tuple[torch.Tensor, torch.Tensor]:
+    hr = torch.from_numpy(np.ascontiguousarray(rows[schema.HR][:, 1:2], dtype=np.float32))
+    lr = torch.from_numpy(np.ascontiguousarray(rows[schema.lr_column(scale)][:, 1:2],
+                                               dtype=np.float32))
+    lr_up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False)
+    return lr_up, hr
+
+
+def train_baseline(
+    train: Mapping[str, np.ndarray], scale: int, *, seconds: float | None = None,
+    epochs: int = 10, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
+    depth: int = 9, width: int = 48,
+) -> tuple[ResidualCNN, dict]:
+    """Train on in-memory rows for ``epochs`` or until ``seconds`` of wall time pass."""
+    torch.manual_seed(seed)
+    model = ResidualCNN(depth, width)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    t0, steps = time.perf_counter(), 0
+    for epoch in range(epochs):
+        for rows in iter_batches(train, batch_size, shuffle=True, seed=seed * 7919 + epoch,
+                                 drop_last=True):
+            lr_up, hr = _centre(rows, scale)
+            loss = F.l1_loss(model(lr_up), hr)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            if seconds is not None and time.perf_counter() - t0 > seconds:
+                return model, {"steps": steps, "epochs": epoch, "seconds": time.perf_counter() - t0}
+    return model, {"steps": steps, "epochs": epochs, "seconds": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def evaluate_baseline(model: nn.Module, rows: Mapping[str, np.ndarray], scale: int,
+                      batch_size: int = 32) -> dict[str, float]:
+    """Mean PSNR/SSIM (per-slice HR range) of the CNN and of bicubic on ``rows``."""
+    model.eval()
+    out = {"psnr": [], "ssim": [], "bicubic_psnr": [], "bicubic_ssim": []}
+    for b in iter_batches(rows, batch_size, shuffle=False):
+        lr_up, hr = _centre(b, scale)
+        sr = model(lr_up)
+        dr = (hr.flatten(1).max(1).values - hr.flatten(1).min(1).values).clamp_min(1e-6)
+        out["psnr"].append(psnr(sr, hr, dr))
+        out["ssim"].append(ssim(sr, hr, dr))
+        out["bicubic_psnr"].append(psnr(lr_up, hr, dr))
+        out["bicubic_ssim"].append(ssim(lr_up, hr, dr))
+    model.train()
+    return {k: float(torch.cat(v).mean()) for k, v in out.items()}

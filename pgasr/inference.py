@@ -1,0 +1,209 @@
+"""Inference: a trained stage-2 checkpoint applied to LR slices and whole NIfTI volumes.
+
+:class:`Predictor` is the single implementation behind ``pgasr sr``, ``pgasr evaluate`` and
+the Serve deployment. A volume is processed slice-wise with 3-slice windows (edge slices
+replicate themselves), in chunks so memory stays bounded, with intensities z-scored per
+volume exactly like ``pgasr prepare`` and mapped back to the input's units.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from pgasr import steps
+from pgasr.models import build_stage1, build_stage2
+from pgasr.checkpoint import Checkpoint, load_checkpoint
+from pgasr.config import PriorConfig, RunConfig
+from pgasr.priors import build_prior, check_backend_match
+from pgasr.volume import check_volume, rescale_affine, volume_image
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Predictor", "VolumeResult", "normalise_volume"]
+
+
+def normalise_volume(vol: np.ndarray, head_threshold: float) -> tuple[np.ndarray, float, float]:
+    """z-score over head voxels (> ``head_threshold`` x 99th percentile), as in prepare."""
+    p99 = float(np.percentile(vol, 99))
+    head = vol > head_threshold * p99
+    if head.sum() < 16:
+        head = np.ones_like(vol, dtype=bool)
+    mean, std = float(vol[head].mean()), float(vol[head].std())
+    if std <= 0:
+        raise ValueError("volume has zero variance")
+    return ((vol - mean) / std).astype(np.float32), mean, std
+
+
+@dataclass
+class VolumeResult:
+    sr: np.ndarray  # (X * s, Y * s, Z) float32, input units
+    affine: np.ndarray
+
+
+class Predictor:
+    """A stage-2 model + its prior backend, ready to super-resolve.
+
+    Build with :meth:`from_checkpoint`; nothing outside the checkpoint directory is read
+    (SAM weights excepted, when the checkpoint was trained with SAM priors: they are located
+    through the checkpoint's prior config or ``PGASR_SAM_CHECKPOINT``).
+    """
+
+    def __init__(self, ckpt: Checkpoint, device: str | torch.device = "auto",
+                 bf16: bool = False, batch_size: int = 8,
+                 prior_cfg: PriorConfig | None = None):
+        if ckpt.stage != 2:
+            raise ValueError(
+                f"{ckpt.path} is a stage-{ckpt.stage} checkpoint; inference needs stage 2")
+        self.ckpt = ckpt
+        self.cfg: RunConfig = ckpt.cfg
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.bf16 = bool(bf16 and self.device.type == "cuda")
+        self.batch_size = int(batch_size)
+        stage1_model, _ = build_stage1(self.cfg)
+        self.model = build_stage2(self.cfg, stage1_model)
+        self.model.load_state_dict(ckpt.state_dicts["model"])
+        self.model.to(self.device).eval().requires_grad_(False)
+        self.acg = bool(self.cfg.model.acg)
+        self.prior = build_prior(prior_cfg or self.cfg.prior) if self.acg else None
+        trained = ckpt.meta.get("prior")
+        if trained and self.prior is not None:
+            check_backend_match(trained, self.prior.describe())
+        self.scales = [int(s) for s in ckpt.meta.get("scales", [self.cfg.stage2.scale])]
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **kw) -> Predictor:
+        return cls(load_checkpoint(path), **kw)
+
+    def describe(self) -> dict:
+        """Metadata for ``GET /v1/model`` and reports."""
+        m = self.ckpt.meta
+        return {
+            "checkpoint": str(self.ckpt.path),
+            "scales": self.scales,
+            "prior": self.prior.describe() if self.prior is not None else {"backend": None},
+            "trained_prior": m.get("prior"),
+            "perceptual": m.get("perceptual"),
+            "metrics": m.get("metrics"),
+            "git_sha": m.get("git_sha"),
+            "created": m.get("created"),
+            "device": str(self.device),
+        }
+
+    def _check_scale(self, scale: int) -> None:
+        if scale not in self.scales:
+            raise ValueError(f"scale {scale} not supported by this checkpoint (trained for "
+                             f"{self.scales})")
+
+    # ------------------------------------------------------------------ slices
+
+    @torch.no_grad()
+    def predict_triplets(self, lr: np.ndarray | torch.Tensor, scale: int,
+                         prior_lr: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
+        """SR of the centre slice of each LR triplet.
+
+        Args:
+            lr: (B, 3, h, w) z-scored LR triplets (t-1, t, t+1).
+            scale: 2 or 4 (must be one the checkpoint was trained for).
+            prior_lr: (B, 3, h*s, w*s) priors of the upsampled LR; computed when None.
+
+        Returns:
+            (B, h*s, w*s) float32 SR centre slices.
+        """
+        self._check_scale(scale)
+        lr_t = torch.as_tensor(np.asarray(lr, dtype=np.float32))
+        if lr_t.ndim != 4 or lr_t.shape[1] != 3:
+            raise ValueError(f"expected LR triplets (B, 3, h, w), got {tuple(lr_t.shape)}")
+        b, _, h, w = lr_t.shape
+        H, W = h * scale, w * scale
+        lr_up = steps.upsample_lr(lr_t, (H, W))  # (B, 3, H, W)
+        if not self.acg:
+            prior_t = None
+        elif prior_lr is None:
+            pri = self.prior(lr_up.reshape(b * 3, H, W).numpy()).astype(np.float32)
+            prior_t = torch.from_numpy(pri).reshape(b, 3, H, W)
+        else:
+            prior_t = torch.as_tensor(np.asarray(prior_lr, dtype=np.float32))
+        return self._forward(lr_up, prior_t)
+
+    def _forward(self, lr_up: torch.Tensor, prior: torch.Tensor | None) -> np.ndarray:
+        # The model pads any H, W to its latent factor / window and crops back.
+        H, W = lr_up.shape[-2:]
+        outs = []
+        for i in range(0, len(lr_up), self.batch_size):
+            x = lr_up[i : i + self.batch_size].to(self.device)
+            p = None if prior is None else prior[i : i + self.batch_size].to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                sr = self.model(x, p)
+            outs.append(sr.float()[:, 0, :H, :W].cpu())
+        return torch.cat(outs).numpy()
+
+    # ------------------------------------------------------------------ volumes
+
+    def predict_volume(self, lr_volume: np.ndarray, affine: np.ndarray, scale: int,
+                       progress=None) -> VolumeResult:
+        """Super-resolve an LR volume (axial slices in the third axis).
+
+        In-plane axes are brought to the training orientation (R, A) when the slice axis is
+        superior-inferior, processed, and put back, so the output array has the input's
+        layout. Returns the SR volume in the input's intensity units and the affine whose
+        in-plane voxel size is divided by ``scale`` with the field of view unchanged.
+        """
+        self._check_scale(scale)
+        vol = check_volume(lr_volume, "input")
+        affine = np.asarray(affine, dtype=np.float64)
+        to_std, from_std = _inplane_orientation(affine)
+        work = nib.orientations.apply_orientation(vol, to_std) if to_std is not None else vol
+        z, mean, std = normalise_volume(work, self.cfg.data.head_threshold)
+        n = z.shape[2]
+        H, W = z.shape[0] * scale, z.shape[1] * scale
+        out = np.empty((H, W, n), dtype=np.float32)
+        # Priors of each upsampled slice are computed once, then shared by the 3 windows.
+        chunk = max(self.batch_size, 1)
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            idx = np.arange(start - 1, stop + 1).clip(0, n - 1)
+            lr = torch.from_numpy(np.moveaxis(z[:, :, idx], 2, 0).copy())  # (k+2, h, w)
+            lr_up = steps.upsample_lr(lr[:, None], (H, W))[:, 0]  # (k+2, H, W)
+            trip = torch.stack([lr_up[i : i + 3] for i in range(stop - start)])  # (k, 3, H, W)
+            ptrip = None
+            if self.acg:
+                pri = torch.from_numpy(self.prior(lr_up.numpy()).astype(np.float32))
+                ptrip = torch.stack([pri[i : i + 3] for i in range(stop - start)])
+            sr = self._forward(trip, ptrip)  # (k, H, W)
+            out[:, :, start:stop] = np.moveaxis(sr, 0, 2)
+            if progress is not None:
+                progress(stop, n)
+        out = out * std + mean
+        if from_std is not None:
+            out = nib.orientations.apply_orientation(out, from_std)
+        return VolumeResult(np.ascontiguousarray(out, dtype=np.float32),
+                            rescale_affine(affine, 1.0 / scale))
+
+    def predict_image(self, img: nib.Nifti1Image, scale: int, progress=None) -> nib.Nifti1Image:
+        """NIfTI in, NIfTI out: header kept, shape/affine/zooms updated."""
+        res = self.predict_volume(np.asanyarray(img.dataobj), img.affine, scale, progress)
+        return volume_image(res.sr, res.affine, img)
+
+
+def _inplane_orientation(affine: np.ndarray):
+    """Orientation transforms that put the in-plane axes in (R, A) order when the third
+    array axis is the slice (S/I) axis; (None, None) when it already is, or when the
+    volume is not axial (then it is processed as given, with a warning)."""
+    ornt = nib.orientations.io_orientation(affine)
+    if int(ornt[2, 0]) != 2:
+        log.warning("third array axis is not superior-inferior: slices are not axial; "
+                    "processing the volume as given (the model was trained on axial slices)")
+        return None, None
+    target = np.array([[0, 1], [1, 1], [2, ornt[2, 1]]])
+    to_std = nib.orientations.ornt_transform(ornt, target)
+    if np.array_equal(to_std, np.array([[0, 1], [1, 1], [2, 1]])):
+        return None, None
+    return to_std, nib.orientations.ornt_transform(target, ornt)

@@ -1,0 +1,101 @@
+"""Small convolutional building blocks shared by the encoder and decoder.
+
+Normalisation is GroupNorm only: data-parallel training runs one slice per worker, where
+BatchNorm statistics would be meaningless.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def num_groups(channels: int, max_groups: int = 32) -> int:
+    """Largest group count <= ``max_groups`` that divides ``channels`` (GroupNorm needs one)."""
+    return math.gcd(channels, max_groups)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups(channels), channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block (taming's ``ResnetBlock`` without the time embedding).
+
+    Args:
+        in_channels: C_in.
+        out_channels: C_out (a 1x1 shortcut projects when it differs).
+
+    Shapes: (B, C_in, H, W) -> (B, C_out, H, W).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int | None = None):
+        super().__init__()
+        out_channels = out_channels or in_channels
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.shortcut = (
+            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.shortcut(x) + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv with taming's asymmetric (0, 1, 0, 1) padding.
+
+    Shapes: (B, C, H, W) -> (B, C, H/2, W/2); H and W must be even (the models pad inputs to a
+    multiple of the latent factor first).
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] % 2 or x.shape[-1] % 2:
+            raise ValueError(f"Downsample needs even H, W, got {tuple(x.shape[-2:])}")
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 followed by a 3x3 conv (no checkerboard artefacts).
+
+    Shapes: (B, C_in, H, W) -> (B, C_out, 2H, 2W).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int | None = None):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels or in_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "replicate") -> torch.Tensor:
+    """Pad the bottom/right of (B, C, H, W) so H and W are multiples of ``multiple``.
+
+    Returns (B, C, ceil(H/m)*m, ceil(W/m)*m); crop back with ``y[..., :H, :W]``.
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x
+    if mode == "reflect" and (ph >= h or pw >= w):
+        mode = "replicate"  # reflect padding must be smaller than the input
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+def check_latent_factor(f: int) -> int:
+    """Validate ModelConfig.latent_factor and return the number of x2 resampling steps."""
+    if f not in (1, 2, 4, 8):
+        raise ValueError(f"model.latent_factor must be one of 1, 2, 4, 8, got {f}")
+    return int(math.log2(f))

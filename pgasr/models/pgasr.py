@@ -1,0 +1,393 @@
+"""The two PGASR models and their builders.
+
+Stage 1 (anatomical-conditioned codebook generation, Sec. 2.1)::
+
+    [hr | prior_hr] --Ê--> z (B,n_z,H/f,W/f) --Z--> z_q --G--> recon (B,1,H,W)
+
+Stage 2 (prior matching alignment, Sec. 2.2), for a triplet t-1, t, t+1::
+
+    [lr_up | prior_lr]^{t-1,t,t+1} --E--> z^{t-1,t,t+1} --SCAB--> z'^{t-1,t,t+1}
+        --d to Z--> a = softmax(-d/(n_z tau))      (L_align_s on a^{t-1}, a^t, a^{t+1})
+    z'^t --Z (frozen)--> z_q^t --G (frozen)--> sr (B,1,H,W)
+    [hr | prior_hr]^t --Ê (frozen)--> a_HR^t        (L_align_d)
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pgasr.models.blocks import pad_to_multiple
+from pgasr.models.config import ModelConfig
+from pgasr.models.decoder import Decoder
+from pgasr.models.discriminator import Discriminator
+from pgasr.models.encoder import Encoder
+from pgasr.models.quantizer import Quantizer, QuantizerOutput
+from pgasr.models.scab import SCAB
+
+
+def unwrap(m: nn.Module) -> nn.Module:
+    """The module inside a DDP / compile wrapper (``m`` itself otherwise)."""
+    m = getattr(m, "module", m)
+    return getattr(m, "_orig_mod", m)
+
+
+def freeze_(module: nn.Module) -> nn.Module:
+    """Freeze in place: ``requires_grad_(False)`` and eval mode. Call BEFORE DDP wrapping, so
+    DDP never registers (and never all-reduces) the frozen parameters."""
+    module.requires_grad_(False)
+    module.eval()
+    return module
+
+
+def _input(image: torch.Tensor, prior: torch.Tensor | None, acg: bool) -> torch.Tensor:
+    """Encoder input: (B,1,H,W) image [+ (B,1,H,W) prior] -> (B, 1 or 2, H, W)."""
+    if not acg:
+        return image
+    if prior is None:
+        raise ValueError("model.acg=true needs the anatomical prior; pass it or set model.acg=false")
+    if prior.shape != image.shape:
+        raise ValueError(f"prior shape {tuple(prior.shape)} != image shape {tuple(image.shape)}")
+    return torch.cat([image, prior.to(image.dtype)], dim=1)
+
+
+def build_encoder(cfg: ModelConfig) -> Encoder:
+    """Ê / E from the model config (1 input channel without ACG, 2 with)."""
+    return Encoder(
+        in_channels=2 if cfg.acg else 1,
+        channels=list(cfg.channels),
+        n_z=cfg.n_z,
+        latent_factor=cfg.latent_factor,
+        num_heads=cfg.num_heads,
+        window_size=cfg.window_size,
+        dat_depth=cfg.dat_depth,
+        mlp_ratio=cfg.mlp_ratio,
+    )
+
+
+# ============================================================================ stage 1
+
+
+@dataclass
+class Stage1Output:
+    """Attributes:
+    recon: (B, 1, H, W) G(z_q), cropped to the input size.
+    quant: the quantizer's output on Ê's features (B, n_z, ceil(H/f), ceil(W/f)).
+    """
+
+    recon: torch.Tensor
+    quant: QuantizerOutput
+
+
+class Stage1Model(nn.Module):
+    """Ê + Z + G (the anatomical-conditioned VQGAN without its discriminator).
+
+    Inputs of any size are padded (replicate) to a multiple of ``latent_factor`` and the
+    reconstruction cropped back.
+    """
+
+    def __init__(self, cfg: ModelConfig, dead_code_restart: bool = False, dead_after: int = 200):
+        super().__init__()
+        self.acg = cfg.acg
+        self.latent_factor = cfg.latent_factor
+        self.encoder_hat = build_encoder(cfg)
+        self.quantizer = Quantizer(
+            cfg.codebook_size, cfg.n_z, cfg.codebook_init, dead_code_restart, dead_after
+        )
+        self.decoder = Decoder(
+            cfg.n_z,
+            cfg.decoder_channels,
+            cfg.latent_factor,
+            cfg.num_heads,
+            cfg.window_size,
+            cfg.dat_depth,
+            cfg.mlp_ratio,
+        )
+
+    @property
+    def codebook(self) -> nn.Embedding:
+        """Z, (N, n_z) weights."""
+        return self.quantizer.codebook
+
+    def encode(self, hr: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """Ê features. (B,1,H,W) [+ prior] -> (B, n_z, ceil(H/f), ceil(W/f))."""
+        x = pad_to_multiple(_input(hr, prior, self.acg), self.latent_factor)
+        return self.encoder_hat(x)
+
+    def decode(self, z_q: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """G. (B, n_z, h, w) -> (B, 1, h*f, w*f), cropped to ``size`` if given."""
+        out = self.decoder(z_q)
+        return out if size is None else out[..., : size[0], : size[1]]
+
+    def forward(self, hr: torch.Tensor, prior: torch.Tensor | None = None) -> Stage1Output:
+        """Reconstruct HR slices (Eq. 1-2).
+
+        Args:
+            hr: (B, 1, H, W) z-scored HR slices.
+            prior: (B, 1, H, W) anatomical prior S_HR in [0, 1] (required when ACG is on).
+        """
+        quant = self.quantizer(self.encode(hr, prior))
+        return Stage1Output(self.decode(quant.z_q, hr.shape[-2:]), quant)
+
+
+def build_stage1(cfg) -> tuple[Stage1Model, Discriminator]:
+    """Stage-1 model (Ê, Z, G) and discriminator D from a RunConfig."""
+    model = Stage1Model(cfg.model, cfg.stage1.dead_code_restart, cfg.stage1.dead_code_after)
+    disc = Discriminator(1, cfg.model.disc_channels, cfg.model.disc_layers)
+    return model, disc
+
+
+# ============================================================================ stage 2
+
+
+@dataclass
+class Stage2Output:
+    """Everything a stage-2 training step needs.
+
+    Attributes:
+        sr: (B, 1, H, W) SR centre slice G(Z(SCAB(E(.)))).
+        log_probs: (B, K, N, h, w) log a over the N codes for the triplet members that were
+            computed: K = 3 (t-1, t, t+1) with ``neighbours=True``, else K = 1 (t only).
+        indices: (B, h, w) selected codes of the centre slice.
+        z: (B, n_z, h, w) refined centre features (before quantization).
+        z_q: (B, n_z, h, w) quantized centre features (straight-through).
+        log_probs_hr: (B, N, h, w) log a_HR^t from the frozen Ê, or None.
+        indices_hr: (B, h, w) HR codes of the centre slice, or None.
+    """
+
+    sr: torch.Tensor
+    log_probs: torch.Tensor
+    indices: torch.Tensor
+    z: torch.Tensor
+    z_q: torch.Tensor
+    log_probs_hr: torch.Tensor | None = None
+    indices_hr: torch.Tensor | None = None
+
+    @property
+    def centre_log_probs(self) -> torch.Tensor:
+        """(B, N, h, w) log a^t."""
+        return self.log_probs[:, self.log_probs.shape[1] // 2]
+
+
+@dataclass
+class CodeOutput:
+    """Codes of a batch of slices (Table 3 / Fig. 1).
+
+    Attributes:
+        indices: (B, h, w) argmin code per latent position.
+        probs: (B, N, h, w) a = softmax(-d / (n_z tau)).
+    """
+
+    indices: torch.Tensor
+    probs: torch.Tensor
+
+
+def code_log_probs(distances: torch.Tensor, n_z: int, tau: float) -> torch.Tensor:
+    """log a = log softmax(-d / (n_z tau)) over the code axis (Sec. 2.2).
+
+    Squared distances are divided by n_z (per-dimension mean squared distance) so ``tau`` keeps
+    its meaning when the code dimension changes.
+
+    Args:
+        distances: (B, N, h, w) squared distances to the codes.
+    Returns:
+        (B, N, h, w) float32 log-probabilities.
+    """
+    if tau <= 0:
+        raise ValueError(f"stage2.tau must be > 0, got {tau}")
+    return F.log_softmax(-distances.float() / (n_z * tau), dim=1)
+
+
+class Stage2Model(nn.Module):
+    """E + SCAB (trained) with the frozen Z, G and Ê of stage 1.
+
+    Args:
+        cfg: model config (must match the stage-1 model's architecture).
+        quantizer, decoder, encoder_hat: stage-1 modules; they are frozen here.
+        tau: temperature of the code probabilities.
+    """
+
+    FROZEN = ("quantizer", "decoder", "encoder_hat")
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        quantizer: Quantizer,
+        decoder: Decoder,
+        encoder_hat: Encoder,
+        tau: float = 1.0,
+    ):
+        super().__init__()
+        self.acg = cfg.acg
+        self.latent_factor = cfg.latent_factor
+        self.n_z = cfg.n_z
+        self.tau = tau
+        self.encoder = build_encoder(cfg)
+        self.scab = (
+            SCAB(cfg.n_z, cfg.num_heads, cfg.window_size, cfg.mlp_ratio, cfg.scab_mode)
+            if cfg.scab
+            else None
+        )
+        self.quantizer = freeze_(quantizer)
+        self.decoder = freeze_(decoder)
+        self.encoder_hat = freeze_(encoder_hat)
+        if encoder_hat.in_channels != self.encoder.in_channels:
+            raise ValueError("stage-1 Ê and the stage-2 config disagree on model.acg")
+
+    def train(self, mode: bool = True) -> Stage2Model:
+        """Train mode for E and SCAB only; Z, G and Ê always stay in eval mode."""
+        super().train(mode)
+        for name in self.FROZEN:
+            getattr(self, name).eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ pieces
+    def _encode_members(self, lr_up, prior_lr, members: list[int]) -> torch.Tensor:
+        """E on the chosen triplet members. Returns (B, len(members), n_z, h, w)."""
+        b = lr_up.shape[0]
+        imgs = lr_up[:, members].reshape(-1, 1, *lr_up.shape[-2:])  # (B*K, 1, H, W)
+        pri = None if prior_lr is None else prior_lr[:, members].reshape(imgs.shape)
+        x = pad_to_multiple(_input(imgs, pri, self.acg), self.latent_factor)
+        z = self.encoder(x)  # (B*K, n_z, h, w)
+        return z.reshape(b, len(members), *z.shape[1:])
+
+    def features(
+        self, lr_up: torch.Tensor, prior_lr: torch.Tensor | None = None, neighbours: bool = False
+    ) -> torch.Tensor:
+        """Refined features z' of the centre (and, with ``neighbours``, of t-1 and t+1).
+
+        Each member attends to its neighbours inside the triplet: the centre to (t-1, t+1),
+        an edge member to its only neighbour t (passed twice, see :class:`SCAB`).
+
+        Args:
+            lr_up: (B, 3, H, W) bicubic-upsampled LR triplet (channel 1 = centre t).
+            prior_lr: (B, 3, H, W) priors of ``lr_up`` (required with ACG).
+            neighbours: also return the refined t-1 and t+1 features.
+
+        Returns:
+            (B, 3, n_z, h, w) with neighbours, else (B, 1, n_z, h, w).
+        """
+        if lr_up.ndim != 4 or lr_up.shape[1] != 3:
+            raise ValueError(f"stage 2 expects a (B, 3, H, W) slice triplet, got {tuple(lr_up.shape)}")
+        if self.scab is None:
+            members = [0, 1, 2] if neighbours else [1]
+            return self._encode_members(lr_up, prior_lr, members)
+        z = self._encode_members(lr_up, prior_lr, [0, 1, 2])  # (B, 3, n_z, h, w)
+        if not neighbours:
+            return self.scab(z[:, 1], z[:, 0::2])[:, None]  # (B, 1, n_z, h, w)
+        b = z.shape[0]
+        queries = z.transpose(0, 1).reshape(3 * b, *z.shape[2:])  # (3B, n_z, h, w): t-1, t, t+1
+        ctx = torch.cat(
+            [
+                torch.stack([z[:, 1], z[:, 1]], 1),  # t-1: only neighbour is t
+                z[:, 0::2],  # t: (t-1, t+1)
+                torch.stack([z[:, 1], z[:, 1]], 1),  # t+1: only neighbour is t
+            ]
+        )  # (3B, 2, n_z, h, w)
+        out = self.scab(queries, ctx)  # (3B, n_z, h, w)
+        return out.reshape(3, b, *out.shape[1:]).transpose(0, 1)  # (B, 3, n_z, h, w)
+
+    @torch.no_grad()
+    def hr_codes(self, hr: torch.Tensor, prior_hr: torch.Tensor | None = None) -> CodeOutput:
+        """Codes of HR slices through the frozen Ê (a_HR, Table 3).
+
+        Args:
+            hr: (B, 1, H, W); prior_hr: (B, 1, H, W) with ACG.
+        """
+        x = pad_to_multiple(_input(hr, prior_hr, self.acg), self.latent_factor)
+        d = self.quantizer.distances(self.encoder_hat(x))
+        return CodeOutput(d.argmin(1), code_log_probs(d, self.n_z, self.tau).exp())
+
+    @torch.no_grad()
+    def codes(self, lr_up: torch.Tensor, prior_lr: torch.Tensor | None = None) -> CodeOutput:
+        """Codes of the centre LR slice through E + SCAB (Table 3, LR side).
+
+        Args:
+            lr_up: (B, 3, H, W); prior_lr: (B, 3, H, W) with ACG.
+        """
+        z = self.features(lr_up, prior_lr)[:, 0]
+        d = self.quantizer.distances(z)
+        return CodeOutput(d.argmin(1), code_log_probs(d, self.n_z, self.tau).exp())
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        lr_up: torch.Tensor,
+        prior_lr: torch.Tensor | None = None,
+        *,
+        hr: torch.Tensor | None = None,
+        prior_hr: torch.Tensor | None = None,
+        neighbours: bool = False,
+        return_all: bool = False,
+    ) -> torch.Tensor | Stage2Output:
+        """Super-resolve the centre slice of LR triplets.
+
+        Args:
+            lr_up: (B, 3, H, W) bicubic-upsampled LR triplet, channel 1 = centre t.
+            prior_lr: (B, 3, H, W) priors computed on ``lr_up`` (required with ACG).
+            hr: (B, 1, H, W) HR centre slice; when given (with ``return_all``), a_HR^t is
+                computed by the frozen Ê for L_align_d.
+            prior_hr: (B, 1, H, W) prior of ``hr`` (required with ACG when ``hr`` is given).
+            neighbours: compute a^{t-1}, a^{t+1} too (for L_align_s).
+            return_all: return a :class:`Stage2Output` instead of the SR tensor (training goes
+                through here so DDP sees a single forward).
+
+        Returns:
+            (B, 1, H, W) SR centre slice, or :class:`Stage2Output`.
+        """
+        size = lr_up.shape[-2:]
+        z = self.features(lr_up, prior_lr, neighbours and return_all)  # (B, K, n_z, h, w)
+        k = z.shape[1]
+        z_t = z[:, k // 2]  # (B, n_z, h, w)
+        quant = self.quantizer(z_t)
+        sr = self.decoder(quant.z_q)[..., : size[0], : size[1]]  # (B, 1, H, W)
+        if not return_all:
+            return sr
+        if k == 1:
+            log_probs = code_log_probs(quant.distances, self.n_z, self.tau)[:, None]
+        else:
+            d = self.quantizer.distances(z.reshape(-1, *z.shape[2:]))  # (B*3, N, h, w)
+            log_probs = code_log_probs(d, self.n_z, self.tau).reshape(*z.shape[:2], *d.shape[1:])
+        out = Stage2Output(sr, log_probs, quant.indices, z_t, quant.z_q)
+        if hr is not None:
+            with torch.no_grad():
+                x = pad_to_multiple(_input(hr, prior_hr, self.acg), self.latent_factor)
+                d_hr = self.quantizer.distances(self.encoder_hat(x))
+            out.log_probs_hr = code_log_probs(d_hr, self.n_z, self.tau)
+            out.indices_hr = d_hr.argmin(1)
+        return out
+
+
+def build_stage2(cfg, stage1_model: nn.Module) -> Stage2Model:
+    """Stage-2 model from a RunConfig and a trained stage-1 model (possibly DDP-wrapped).
+
+    Z, G and Ê are deep-copied from ``stage1_model`` and frozen (``requires_grad_(False)``,
+    eval) before anything can wrap the result in DDP; E and SCAB are freshly initialised.
+    """
+    s1 = unwrap(stage1_model)
+    if not isinstance(s1, Stage1Model):
+        raise TypeError(f"build_stage2 needs a Stage1Model, got {type(s1).__name__}")
+    if s1.acg != cfg.model.acg or s1.latent_factor != cfg.model.latent_factor:
+        raise ValueError(
+            "stage-1 model and config disagree: "
+            f"acg {s1.acg} vs {cfg.model.acg}, latent_factor {s1.latent_factor} vs "
+            f"{cfg.model.latent_factor}"
+        )
+    return Stage2Model(
+        cfg.model,
+        copy.deepcopy(s1.quantizer),
+        copy.deepcopy(s1.decoder),
+        copy.deepcopy(s1.encoder_hat),
+        tau=cfg.stage2.tau,
+    )
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,255 @@
+"""Pure training steps: loss wiring, GAN schedule, freezing, ablation rows, learning smoke."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pgasr.losses as L
+from pgasr.config import RunConfig
+from pgasr.models import build_stage1, build_stage2
+from pgasr.steps import (
+    make_stage1_optimizers,
+    make_stage2_optimizer,
+    stage1_step,
+    stage1_update,
+    stage2_step,
+    stage2_update,
+    upsample_lr,
+)
+
+
+def tiny_cfg(**model) -> RunConfig:
+    cfg = RunConfig()
+    m = cfg.model
+    m.channels, m.n_z, m.decoder_channels = [8, 8, 16, 16], 8, 16
+    m.num_heads, m.window_size, m.codebook_size = 2, 4, 32
+    m.disc_channels, m.disc_layers = 8, 2
+    for k, v in model.items():
+        setattr(m, k, v)
+    cfg.stage1.perceptual = "fallback"
+    return cfg
+
+
+def _image(b: int, c: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Smooth structured images (B, C, size, size): blobs + a ramp, roughly z-scored."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    out = torch.zeros(b, c, size, size)
+    for i in range(b):
+        for j in range(c):
+            cx, cy = (torch.rand(2, generator=g) - 0.5).tolist()
+            out[i, j] = torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.2) + 0.3 * xx + 0.1 * j
+    return (out - out.mean()) / out.std()
+
+
+def s1_batch(b: int = 2, size: int = 16) -> dict[str, torch.Tensor]:
+    hr = _image(b, 1, size)
+    return {"hr": hr, "prior_hr": (hr > 0).float()}
+
+
+def s2_batch(b: int = 2, size: int = 16, scale: int = 2) -> dict[str, torch.Tensor]:
+    hr = _image(b, 3, size, seed=1)
+    lr = torch.nn.functional.avg_pool2d(hr, scale)
+    return {
+        "hr": hr,
+        "lr": lr,
+        "prior_lr": (upsample_lr(lr, (size, size)) > 0).float(),
+        "prior_hr": (hr > 0).float(),
+    }
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# --------------------------------------------------------------------------- stage 1
+
+
+def test_stage1_step_before_disc_start():
+    cfg = tiny_cfg()
+    cfg.stage1.disc_start = 100
+    model, disc = build_stage1(cfg)
+    out = stage1_step(model, disc, s1_batch(), cfg, step=5)
+    assert out.loss_d is None and "g_adv" not in out.metrics
+    assert out.perceptual_kind == "fallback-freq"
+    m = out.metrics
+    expect = m["l1"] + m["perceptual"] + m["codebook"] + cfg.stage1.beta * m["commit"]
+    assert m["loss_g"] == pytest.approx(expect, rel=1e-5)  # Eq. 3 without L_adv
+    assert out.recon.shape == (2, 1, 16, 16) and not out.recon.requires_grad
+
+
+def test_stage1_adversarial_after_disc_start_touches_only_the_right_params():
+    cfg = tiny_cfg()
+    cfg.stage1.disc_start = 0
+    model, disc = build_stage1(cfg)
+    out = stage1_step(model, disc, s1_batch(), cfg, step=0)
+    assert out.loss_d is not None
+    assert 0.0 <= out.metrics["d_weight"] <= cfg.stage1.adv_weight * cfg.stage1.adaptive_weight_max
+    out.loss_g.backward(retain_graph=True)
+    assert all(p.grad is None for p in disc.parameters())  # G-side loss never trains D
+    assert model.decoder.last_layer.weight.grad is not None
+    model.zero_grad()
+    out.loss_d.backward()
+    assert all(p.grad is None for p in model.parameters())  # D-side loss never trains G
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in disc.parameters())
+
+
+def test_stage1_update_steps_disc_only_when_on():
+    cfg = tiny_cfg()
+    cfg.stage1.disc_start = 1
+    model, disc = build_stage1(cfg)
+    opt_g, opt_d = make_stage1_optimizers(cfg, model, disc)
+    d0 = [p.detach().clone() for p in disc.parameters()]
+    stage1_update(model, disc, opt_g, opt_d, s1_batch(), cfg, step=0)
+    assert all(torch.equal(a, b) for a, b in zip(d0, disc.parameters()))
+    m = stage1_update(model, disc, opt_g, opt_d, s1_batch(), cfg, step=1)
+    assert "loss_d" in m
+    assert any(not torch.equal(a, b) for a, b in zip(d0, disc.parameters()))
+
+
+def test_stage1_no_acg_ignores_prior_and_missing_prior_errors():
+    cfg = tiny_cfg(acg=False)
+    model, disc = build_stage1(cfg)
+    out = stage1_step(model, disc, {"hr": s1_batch()["hr"]}, cfg, step=0)
+    assert torch.isfinite(out.loss_g)
+    cfg2 = tiny_cfg()
+    model2, disc2 = build_stage1(cfg2)
+    with pytest.raises(KeyError, match="prior_hr"):
+        stage1_step(model2, disc2, {"hr": s1_batch()["hr"]}, cfg2, step=0)
+
+
+def test_stage1_bf16_autocast_on_cpu():
+    cfg = tiny_cfg()
+    cfg.stage1.bf16, cfg.stage1.disc_start = True, 0
+    model, disc = build_stage1(cfg)
+    opt_g, opt_d = make_stage1_optimizers(cfg, model, disc)
+    m = stage1_update(model, disc, opt_g, opt_d, s1_batch(), cfg, step=0)
+    assert all(torch.isfinite(torch.tensor(v)) for v in m.values())
+
+
+def test_stage1_learns():
+    cfg = tiny_cfg()
+    cfg.stage1.lr, cfg.stage1.disc_start = 2e-3, 10**9
+    model, disc = build_stage1(cfg)
+    opt_g, opt_d = make_stage1_optimizers(cfg, model, disc)
+    batch = s1_batch(2, 16)
+    losses = [stage1_update(model, disc, opt_g, opt_d, batch, cfg, s)["l1"] for s in range(40)]
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
+
+
+# --------------------------------------------------------------------------- stage 2
+
+
+def _stage2(cfg):
+    s1, _ = build_stage1(cfg)
+    # train stage 1 a little so codes are not all alike
+    opt, _ = make_stage1_optimizers(cfg, s1, None)
+    cfg.stage1.disc_start = 10**9
+    for s in range(3):
+        stage1_update(s1, None, opt, None, s1_batch(), cfg, s)
+    s2 = build_stage2(cfg, s1)
+    s2.train()
+    return s1, s2
+
+
+def test_stage2_frozen_parts_stay_bit_identical():
+    cfg = tiny_cfg()
+    _, s2 = _stage2(cfg)
+    frozen = {
+        n: p.detach().clone()
+        for name in ("quantizer", "decoder", "encoder_hat")
+        for n, p in getattr(s2, name).named_parameters(prefix=name)
+    }
+    trainable = {n: p.detach().clone() for n, p in s2.named_parameters() if p.requires_grad}
+    assert frozen and set(frozen).isdisjoint(trainable)
+    opt = make_stage2_optimizer(cfg, s2)
+    for _ in range(2):
+        stage2_update(s2, opt, s2_batch(), cfg)
+    params = dict(s2.named_parameters())
+    for n, v in frozen.items():
+        assert params[n].grad is None, n
+        assert torch.equal(params[n], v), n
+    assert any(not torch.equal(params[n], v) for n, v in trainable.items())
+    assert any(n.startswith("scab.") and not torch.equal(params[n], v) for n, v in trainable.items())
+
+
+def test_stage2_loss_is_eq5():
+    cfg = tiny_cfg()
+    cfg.stage2.alpha1, cfg.stage2.alpha2 = 0.3, 0.7
+    _, s2 = _stage2(cfg)
+    out = stage2_step(s2, s2_batch(), cfg)
+    m = out.metrics
+    assert m["loss"] == pytest.approx(m["l1"] + 0.3 * m["align_s"] + 0.7 * m["align_d"], rel=1e-5)
+    assert m["align_s"] >= 0 and m["align_d"] >= 0 and 0 <= m["code_match"] <= 1
+    assert out.sr.shape == (2, 1, 16, 16)
+
+
+# The five rows of Table 2: (acg, align_d, align_s, scab).
+TABLE2 = {
+    "exp0": (False, False, False, False),
+    "exp1": (True, False, False, False),
+    "exp2": (True, True, False, False),
+    "exp3": (True, False, True, False),
+    "exp4": (True, True, True, False),
+    "ours": (True, True, True, True),
+}
+
+
+@pytest.mark.parametrize("row", sorted(TABLE2))
+def test_table2_rows_run(row, monkeypatch):
+    acg, align_d, align_s, scab = TABLE2[row]
+    cfg = tiny_cfg(acg=acg, scab=scab)
+    cfg.stage2.align_d, cfg.stage2.align_s = align_d, align_s
+    _, s2 = _stage2(cfg)
+    assert (s2.scab is not None) == scab
+    assert s2.encoder.conv_in.in_channels == (2 if acg else 1)
+    calls = []
+    orig = L.kl_codes
+    monkeypatch.setattr("pgasr.losses.kl_codes", lambda p, q: calls.append(1) or orig(p, q))
+    batch = s2_batch()
+    if not acg:
+        batch = {k: batch[k] for k in ("hr", "lr")}  # priors are not needed without ACG
+    m = stage2_update(s2, make_stage2_optimizer(cfg, s2), batch, cfg)
+    assert ("align_s" in m) == align_s and ("align_d" in m) == align_d
+    assert len(calls) == 2 * align_s + align_d  # KL terms actually computed
+    if not (align_s or align_d):
+        assert m["loss"] == pytest.approx(m["l1"])
+
+
+def test_stage2_batch_validation():
+    cfg = tiny_cfg()
+    _, s2 = _stage2(cfg)
+    b = s2_batch()
+    with pytest.raises(KeyError, match="prior_lr"):
+        stage2_step(s2, {k: b[k] for k in ("hr", "lr", "prior_hr")}, cfg)
+    with pytest.raises(ValueError, match="triplets"):
+        stage2_step(s2, {**b, "hr": b["hr"][:, :1]}, cfg)
+
+
+def test_stage2_bf16_and_commit():
+    cfg = tiny_cfg()
+    cfg.stage2.bf16, cfg.stage2.commit_weight = True, 0.25
+    _, s2 = _stage2(cfg)
+    m = stage2_update(s2, make_stage2_optimizer(cfg, s2), s2_batch(), cfg)
+    assert "commit" in m and all(torch.isfinite(torch.tensor(v)) for v in m.values())
+
+
+def test_stage2_learns():
+    cfg = tiny_cfg()
+    cfg.stage1.lr = 2e-3
+    s1, _ = build_stage1(cfg)
+    opt1, _ = make_stage1_optimizers(cfg, s1, None)
+    cfg.stage1.disc_start = 10**9
+    b1 = {"hr": s2_batch()["hr"].reshape(-1, 1, 16, 16)}
+    b1["prior_hr"] = (b1["hr"] > 0).float()
+    for s in range(30):
+        stage1_update(s1, None, opt1, None, b1, cfg, s)
+    s2 = build_stage2(cfg, s1)
+    s2.train()
+    cfg.stage2.lr = 2e-3
+    opt = make_stage2_optimizer(cfg, s2)
+    batch = s2_batch()
+    losses = [stage2_update(s2, opt, batch, cfg)["loss"] for _ in range(30)]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
