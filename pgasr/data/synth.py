@@ -53,7 +53,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from pgasr.config import SynthConfig, config_to_dict
+from pgasr.config import SynthConfig
 
 __all__ = [
     "FOV_MM",
@@ -228,6 +228,25 @@ def _level_affine(affine: np.ndarray, f: int) -> np.ndarray:
     return affine @ scale
 
 
+def _resample_axes(arr: np.ndarray, axes: list[np.ndarray]) -> np.ndarray:
+    """Linear interpolation of ``arr`` at the separable grid ``axes`` (voxel coordinates of
+    ``arr`` along each axis, clamped to its edges), one axis at a time: an axis-aligned
+    regrid without a full coordinate array."""
+    out = arr
+    for a, x in enumerate(axes):
+        n = out.shape[a]
+        x = np.clip(x, 0, n - 1)
+        i0 = np.minimum(np.floor(x).astype(np.intp), max(n - 2, 0))
+        w = (x - i0).astype(np.float32)
+        shape = [1, 1, 1]
+        shape[a] = -1
+        w = w.reshape(shape)
+        lo = np.take(out, i0, axis=a)
+        hi = np.take(out, np.minimum(i0 + 1, n - 1), axis=a)
+        out = lo + w * (hi - lo)
+    return out.astype(np.float32, copy=False)
+
+
 @dataclass(frozen=True)
 class _Template:
     """Subject-independent maps on one template level (isotropic ``spacing`` mm voxels)."""
@@ -282,24 +301,23 @@ def _template(level: int) -> _Template:
     ic = ndi.binary_fill_holes(env & near)
     aff_e = _level_affine(affine, fe)
     # Scalp and skull thickness vary over the head (temporalis, occipital protuberance...):
-    # distances outside the skull are stretched by a smooth field, +-25 %.
+    # distances outside the skull are stretched by a smooth field, +-18 % (1 sd).
     rng = np.random.default_rng(_TEXTURE_SEED)
     lowfreq = ndi.gaussian_filter(rng.standard_normal(env.shape), sigma=14.0 / fe)
-    lowfreq = (1.0 + 0.25 * lowfreq / lowfreq.std()).clip(0.6, 1.4)
+    lowfreq = (1.0 + 0.18 * lowfreq / lowfreq.std()).clip(0.6, 1.4)
 
     aff = _level_affine(affine, level)
     # Resample the envelope distances onto this level's grid (both are axis-aligned).
     m = np.linalg.inv(aff_e) @ aff
-    axes = [(m[a, a] * np.arange(gm.shape[a]) + m[a, 3]).astype(np.float32) for a in range(3)]
-    coords = np.stack(np.broadcast_arrays(*np.meshgrid(*axes, indexing="ij", sparse=True)))
+    axes = [m[a, a] * np.arange(gm.shape[a]) + m[a, 3] for a in range(3)]
     dists = []
     for mask in (env, ic):
         signed = ndi.distance_transform_edt(~mask) - ndi.distance_transform_edt(mask)
-        signed = np.where(signed > 0, signed / lowfreq, signed) * fe if mask is env else signed * fe
-        dists.append(ndi.map_coordinates(signed.astype(np.float32), coords, order=1,
-                                         mode="nearest", output=np.float32))
+        if mask is env:
+            signed = np.where(signed > 0, signed / lowfreq, signed)
+        dists.append(_resample_axes(signed.astype(np.float32) * fe, axes))
     dist, dist_ic = dists
-    del coords, dists, env, ic, near, brain_e, lowfreq
+    del dists, env, ic, near, brain_e, lowfreq
 
     # Crop to the head (everything farther than 30 mm from the skull is air).
     keep = np.argwhere(dist < 30.0)
@@ -425,7 +443,9 @@ def _compose(t: _Template, s: _Subject, labels: bool) -> tuple[np.ndarray, np.nd
     ramp = max(t.spacing, 1.0)
     w_in = np.clip(0.5 - (t.dist_ic - np.float32(shift)) / ramp, 0.0, 1.0)
     img = w_in * inside + (1.0 - w_in) * outside
-    img *= 1.0 + np.float32(s.texture_amp) * t.texture
+    # The micro-texture has a ~1 mm correlation length: averaged over a coarse voxel its
+    # amplitude falls like (voxel volume)^-1/2.
+    img *= 1.0 + np.float32(s.texture_amp / t.spacing**1.5) * t.texture
     lab = None
     if labels:
         idx = np.clip(np.searchsorted(prof_d, d), 0, len(prof_d) - 1)
@@ -568,7 +588,8 @@ def _sha256(path: Path) -> str:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary sibling + rename (never a partial file)."""
-    tmp = path.parent / f"{_PART_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_PART_SUFFIX}"
+    unique = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    tmp = path.parent / f"{_PART_PREFIX}{path.name}.{unique}{_PART_SUFFIX}"
     try:
         with open(tmp, "xb") as f:  # plain open: permissions follow the umask
             f.write(data)
@@ -644,8 +665,8 @@ def synthesize_cohort(
             hashes.pop(p.name, None)
 
     def save_manifest() -> None:
-        doc = {"generator": "pgasr.data.synth", "params": params,
-               "config": config_to_dict(cfg), "files": dict(sorted(hashes.items()))}
+        doc = {"generator": "pgasr.data.synth", "params": params, "subjects": cfg.subjects,
+               "files": dict(sorted(hashes.items()))}
         _atomic_write(manifest_path, (json.dumps(doc, indent=1) + "\n").encode())
 
     from tqdm.auto import tqdm
@@ -691,9 +712,10 @@ def _volume_stats(vol: np.ndarray, spacing: tuple[float, float, float]) -> dict:
     """Head/background statistics and CSF/GM/WM estimates of one volume.
 
     Head = voxels above 10 % of the 99th percentile (``DataConfig.head_threshold``), holes
-    filled per slice, on up to 24 slices of the central 70 % of the slab. Brain tissue is estimated without labels (so this also works on real
-    IXI files): the head eroded by 18 mm in-plane (scalp and skull gone) is split into
-    three intensity clusters, read as WM < GM < CSF.
+    filled per slice, on up to 24 slices of the central 70 % of the slab. Brain tissue is
+    estimated without labels (so this also works on real IXI files): the head eroded by
+    18 mm in-plane (scalp and skull gone) is split into three intensity clusters, read as
+    WM < GM < CSF.
     """
     # Up to 24 slices spread over the central 70 % of the slab: the per-slice morphology is
     # the slow part, and the statistics do not need every slice.
