@@ -110,10 +110,10 @@ def run_stage(stage: int, cfg: RunConfig, address: str | None = None) -> Path:
         schema.HR, schema.lr_column(scale), schema.prior_hr_column(), schema.prior_lr_column(scale)]
     if not cfg.model.acg:
         columns = [c for c in columns if not c.startswith("prior")]
-    datasets = {"train": ray.data.read_parquet(train_files, columns=columns)}
+    datasets = {"train": ray.data.read_parquet(train_files).select_columns(columns)}
     val_files = sorted(str(p) for p in (src / "val").glob("*.parquet"))
     if val_files:
-        datasets["val"] = ray.data.read_parquet(val_files, columns=columns)
+        datasets["val"] = ray.data.read_parquet(val_files).select_columns(columns)
     meta = {"prior": build_prior(cfg.prior).describe() if cfg.model.acg else None,
             "data_manifest_sha256": sha256_file(src / schema.MANIFEST), "data_dir": str(src)}
     stage1_ckpt = None
