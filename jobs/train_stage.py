@@ -46,6 +46,8 @@ def _train_loop(config: dict) -> None:
     from pgasr.checkpoint import load_checkpoint
     from pgasr.training import fit
 
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = config_from_dict(config["cfg"], "train_loop_config")
     stage = int(config["stage"])
     ctx = ray.train.get_context()
@@ -58,7 +60,10 @@ def _train_loop(config: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume = load_checkpoint(d, with_train_state=True)
-        log.info("rank %d resuming from %s", rank, ckpt.path)
+        log.info("rank %d resuming from %s (epoch %s, step %s)", rank, ckpt.path,
+                 resume.meta.get("epoch"), resume.meta.get("step"))
+    else:
+        log.info("rank %d starting stage %d from scratch", rank, stage)
 
     shard = ray.train.get_dataset_shard("train")
 

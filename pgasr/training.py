@@ -212,6 +212,10 @@ def fit(
         step, start_epoch = int(ts["step"]), int(ts["epoch"]) + 1
         nan_skipped = int(ts.get("nan_skipped", 0))
         torch.set_rng_state(ts["torch_rng"])
+        meta["resumed_from"] = {"step": step, "epoch": start_epoch - 1,
+                                "history": list(resume.meta.get("resumed_history", []))
+                                + [step]}
+        meta["resumed_history"] = meta["resumed_from"]["history"]
         log.info("resumed stage %d at epoch %d, step %d", stage, start_epoch, step)
 
     result = FitResult(stage, step, start_epoch, nan_skipped=nan_skipped)
