@@ -1,0 +1,60 @@
+"""`ray job submit` against a local head started for this test (and stopped by address)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pgasr.checkpoint import load_checkpoint
+from pgasr.data.prepare import prepare
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procutil import local_head  # noqa: E402
+from test_train_jobs import ROOT, TINY_MODEL, tiny_cfg  # noqa: E402
+
+BIN = Path(sys.executable).parent
+GCS_PORT, DASH_PORT = 6391, 8266  # away from Ray's worker port range 10002-19999
+
+
+@pytest.fixture
+def head():
+    with local_head(GCS_PORT, DASH_PORT) as h:
+        yield h
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_job_submit_stage2(head, tmp_path):
+    address, env = head.url, head.env
+    cfg = tiny_cfg(tmp_path)
+    prepare(cfg, progress=False)
+    sets = [f"synth.out_dir={tmp_path}/synth", f"data.prepared_dir={tmp_path}/prepared",
+            f"run_dir={tmp_path}/runs", f"resources.storage_path={tmp_path}/ray",
+            "resources.num_workers=2", "model.acg=false", "stage1.epochs=1", "stage2.epochs=1",
+            "stage1.batch_size=4", "stage2.batch_size=4", "data.slices_per_volume=8", *TINY_MODEL]
+    args = [a for s in sets for a in ("--set", s)]
+
+    def submit(script):
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+               "--", sys.executable, f"jobs/{script}", "--config", "configs/tiny.yaml", *args]
+        t0 = time.time()
+        for _ in range(10):  # the job agent can lag the job API by a few seconds
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+            if "No available agent" not in r.stderr + r.stdout:
+                break
+            time.sleep(3)
+        return r, time.time() - t0
+
+    r1, _ = submit("stage1.py")
+    assert r1.returncode == 0 and "succeeded" in (r1.stdout + r1.stderr).lower(), (r1.stdout + r1.stderr)[-4000:]
+    r2, secs = submit("stage2.py")
+    out = r2.stdout + r2.stderr
+    assert r2.returncode == 0 and "succeeded" in out.lower(), out[-4000:]
+    ck = load_checkpoint(tmp_path / "runs" / "stage2")
+    assert ck.stage == 2
+    summary = json.loads((tmp_path / "runs" / "stage2.json").read_text())
+    assert summary["checkpoint"].endswith("stage2")
