@@ -125,6 +125,14 @@ def validate_stage2(model: nn.Module, rows: Mapping[str, np.ndarray], cfg: RunCo
             "val_bicubic_psnr": bic, "val_gain_db": val - bic}
 
 
+def _all_finite(losses: list[torch.Tensor]) -> bool:
+    bad = torch.tensor([0.0 if all(torch.isfinite(x).item() for x in losses) else 1.0],
+                       device=losses[0].device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return bad.item() == 0.0
+
+
 def _lr_factor(cfg_stage, epoch: int) -> float:
     return 0.5 ** (epoch // max(1, cfg_stage.lr_halve_every))
 
@@ -228,15 +236,16 @@ def fit(
         for rows in batches(epoch):
             if stage == 1:
                 b = _to(stage1_batch(rows, need_prior=cfg.model.acg), device)
-                out = steps.stage1_update(model_w, disc_w, optims["opt_g"], optims["opt_d"], b,
-                                          cfg, step, perceptual)
+                o1 = steps.stage1_step(model_w, disc_w, b, cfg, step, perceptual)
+                losses = [o1.loss_g] + ([o1.loss_d] if o1.loss_d is not None else [])
+                out = o1.metrics
             else:
                 b = _to(stage2_batch(rows, cfg.stage2.scale, need_prior=cfg.model.acg), device)
-                out = steps.stage2_update(model_w, optims["opt"], b, cfg)
-            loss = out.get("loss", out.get("loss_g", 0.0))
-            if stage == 1 and "loss_d" in out:
-                loss = loss + out["loss_d"]
-            if not math.isfinite(loss):
+                o2 = steps.stage2_step(model_w, b, cfg)
+                losses, out = [o2.loss], o2.metrics
+            # Check before any optimiser step: a NaN gradient would poison the weights. Under
+            # DDP every rank must take the same decision, or the others hang in all-reduce.
+            if not _all_finite(losses):
                 nan_skipped += 1
                 consecutive_nan += 1
                 msg = f"non-finite loss at stage {stage} epoch {epoch} step {step}"
@@ -244,6 +253,18 @@ def fit(
                     raise FloatingPointError(msg + " (nan_policy=error or >10 in a row)")
                 log.warning("%s: skipped (%d so far)", msg, nan_skipped)
                 continue
+            if stage == 1:  # same order as steps.stage1_update: G then D
+                optims["opt_g"].zero_grad(set_to_none=True)
+                o1.loss_g.backward()
+                optims["opt_g"].step()
+                if o1.loss_d is not None:
+                    optims["opt_d"].zero_grad(set_to_none=True)
+                    o1.loss_d.backward()
+                    optims["opt_d"].step()
+            else:
+                optims["opt"].zero_grad(set_to_none=True)
+                o2.loss.backward()
+                optims["opt"].step()
             consecutive_nan = 0
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)

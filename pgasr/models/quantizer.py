@@ -109,17 +109,18 @@ class Quantizer(nn.Module):
         Args:
             z: (B, n_z, h, w) encoder output E(x).
         """
-        if self.training and not bool(self.initted):
+        # A non-finite batch (skipped by the training loop) must not seed the codebook.
+        if self.training and not bool(self.initted) and bool(torch.isfinite(z).all()):
             self._init_from_data(z)
         if self.training and self.dead_code_restart:
             self._restart_dead_codes(z)
         d = self.distances(z)  # (B, N, h, w)
         indices = d.argmin(dim=1)  # (B, h, w)
-        z_q = self.lookup(indices).to(z.dtype)  # (B, n_z, h, w)
-        zf, zqf = z.float(), z_q.float()
-        codebook_loss = F.mse_loss(zqf, zf.detach())
-        commit_loss = F.mse_loss(zf, zqf.detach())
-        z_q_st = z + (z_q - z).detach()  # straight-through: dL/dz := dL/dz_q
+        z_q = self.lookup(indices).float()  # (B, n_z, h, w), float32 even under autocast
+        zf = z.float()
+        codebook_loss = F.mse_loss(z_q, zf.detach())
+        commit_loss = F.mse_loss(zf, z_q.detach())
+        z_q_st = z + (z_q.to(z.dtype) - z).detach()  # straight-through: dL/dz := dL/dz_q
         counts = torch.bincount(indices.reshape(-1), minlength=self.codebook_size)
         p = counts.float() / counts.sum()
         perplexity = torch.exp(-(p * torch.log(p + 1e-10)).sum())
