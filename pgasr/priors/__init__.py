@@ -32,8 +32,8 @@ from pgasr.priors.tissue import TissuePrior
 __all__ = [
     "PRIORS", "PRIOR_DTYPE", "CachedPrior", "Prior", "PriorCache", "PriorConfig",
     "PriorMismatchError", "SamPrior", "TissuePrior", "build_prior", "cached_prior",
-    "check_backend_match", "resolve_backend", "slice_key", "sum_normalise", "to_uint8_rgb",
-    "upsample_bicubic", "window",
+    "check_backend_match", "describe_prior", "resolve_backend", "resolve_checkpoint",
+    "slice_key", "sum_normalise", "to_uint8_rgb", "upsample_bicubic", "window",
 ]
 
 log = logging.getLogger("pgasr.priors")
@@ -59,6 +59,13 @@ def resolve_backend(cfg: PriorConfig) -> tuple[str, str | None]:
     return b, None
 
 
+def _announce(reason: str | None) -> None:
+    if reason:
+        log.warning("ANATOMICAL PRIOR FALLBACK: using the embedded 'tissue' backend, not SAM "
+                    "-- %s. Models trained now need the tissue backend at inference; "
+                    "see docs/priors.md to use SAM.", reason)
+
+
 def build_prior(cfg: PriorConfig | None = None) -> Prior:
     """The prior backend a config asks for (uncached; see :func:`cached_prior`).
 
@@ -67,11 +74,19 @@ def build_prior(cfg: PriorConfig | None = None) -> Prior:
     """
     cfg = cfg or PriorConfig()
     name, reason = resolve_backend(cfg)
-    if reason:
-        log.warning("ANATOMICAL PRIOR FALLBACK: using the embedded 'tissue' backend, not SAM "
-                    "-- %s. Models trained now need the tissue backend at inference; "
-                    "see docs/priors.md to use SAM.", reason)
+    _announce(reason)
     return PRIORS[name](cfg, fallback_reason=reason, requested=cfg.backend)
+
+
+def describe_prior(cfg: PriorConfig | None = None) -> dict:
+    """``build_prior(cfg).describe()`` without loading SAM weights (the checkpoint is still
+    verified); the fallback is announced the same way. For drivers and metadata."""
+    cfg = cfg or PriorConfig()
+    name, reason = resolve_backend(cfg)
+    _announce(reason)
+    if name == "sam":
+        return SamPrior.describe_config(cfg, fallback_reason=reason, requested=cfg.backend)
+    return PRIORS[name](cfg, fallback_reason=reason, requested=cfg.backend).describe()
 
 
 def cached_prior(cfg: PriorConfig | None = None) -> CachedPrior:

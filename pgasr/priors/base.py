@@ -27,6 +27,22 @@ class PriorMismatchError(ValueError):
     """A model trained with one prior backend/parameter set is used with another."""
 
 
+def normalise_sum(total: np.ndarray) -> np.ndarray:
+    """Second half of :func:`sum_normalise`: a per-pixel segment count divided by its max.
+
+    Args:
+        total: (H, W) non-negative counts (sum of binary masks).
+
+    Returns:
+        (H, W) float32 in [0, 1]; all zeros when ``total`` is all zero.
+    """
+    total = np.asarray(total)
+    peak = float(total.max()) if total.size else 0.0
+    if peak <= 0:
+        return np.zeros(total.shape, dtype=np.float32)
+    return (total / np.float32(peak)).astype(np.float32)
+
+
 def sum_normalise(masks: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
     """Aggregate binary segments into the prior S (paper Sec. 2.1).
 
@@ -41,14 +57,10 @@ def sum_normalise(masks: np.ndarray, shape: tuple[int, int] | None = None) -> np
     masks = np.asarray(masks)
     if masks.ndim != 3:
         raise ValueError(f"masks must be (n, H, W), got shape {masks.shape}")
-    hw = masks.shape[1:] if masks.shape[0] or shape is None else tuple(shape)
     if masks.shape[0] == 0:
+        hw = masks.shape[1:] if shape is None else tuple(shape)
         return np.zeros(hw, dtype=np.float32)
-    total = masks.astype(bool).sum(axis=0, dtype=np.int32)  # (H, W) segment count per pixel
-    peak = int(total.max())
-    if peak == 0:
-        return np.zeros(hw, dtype=np.float32)
-    return (total / np.float32(peak)).astype(np.float32)
+    return normalise_sum(masks.astype(bool).sum(axis=0, dtype=np.int32))  # (H, W) counts
 
 
 def window(slice_: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
@@ -126,7 +138,7 @@ def check_slices(slices: np.ndarray) -> np.ndarray:
     if arr.shape[1] == 0 or arr.shape[2] == 0:
         raise ValueError(f"slices have an empty spatial size {arr.shape[1:]}")
     arr = arr.astype(np.float32, copy=False)
-    bad = ~np.isfinite(arr).reshape(arr.shape[0], -1).all(axis=1)
+    bad = ~np.isfinite(arr).reshape(len(arr), arr.shape[1] * arr.shape[2]).all(axis=1)
     if bad.any():
         raise ValueError(f"non-finite values (NaN/inf) in slice(s) {np.flatnonzero(bad).tolist()}")
     return arr

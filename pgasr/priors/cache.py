@@ -148,7 +148,7 @@ class CachedPrior:
     def describe(self) -> dict[str, Any]:
         d = self.prior.describe()
         d["runtime"] = {**d.get("runtime", {}),
-                        "cache_dir": str(self.cache.root) if self.cache else None}
+                        "cache_dir": str(self.cache.root) if self.cache is not None else None}
         return d
 
     def __call__(self, slices: np.ndarray) -> np.ndarray:

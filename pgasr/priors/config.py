@@ -47,6 +47,7 @@ class PriorConfig:
     tissue_classes: int = 3  # multi-Otsu classes inside the head
     tissue_smooth_sigma: float = 1.0  # Gaussian pre-smoothing, pixels
     tissue_min_area: float = 0.002  # smallest segment kept, fraction of the slice area
+    tissue_head_threshold: float = 0.1  # head = windowed intensity above this (then filled)
 
     # --- cache ----------------------------------------------------------------------------
     cache: bool = True

@@ -69,7 +69,7 @@ def add_prior_columns(batch: Mapping[str, np.ndarray], prior: PriorFn, scales: S
     skipped: list[dict[str, Any]] = []
     ok = np.ones(n, dtype=bool)
     for name, arr in ((schema.HR, hr), *zip(lr_cols, lrs)):
-        bad = ~np.isfinite(arr.reshape(n, -1)).all(axis=1)
+        bad = ~np.isfinite(arr.reshape(n, int(np.prod(arr.shape[1:])))).all(axis=1)
         for i in np.flatnonzero(bad & ok):
             skipped.append({**_row_id(batch, i), "reason": f"non-finite values in {name}"})
         ok &= ~bad

@@ -7,7 +7,7 @@ regions) and the individual tissue regions -- and aggregates them with exactly t
 :func:`~pgasr.priors.base.sum_normalise` step. Per slice:
 
 1. window to [0, 1] (same percentiles as SAM), Gaussian smoothing (``tissue_smooth_sigma``);
-2. head: Otsu foreground, holes filled; its connected components are segments;
+2. head: ``x > tissue_head_threshold``, holes filled; its connected components are segments;
 3. ``tissue_classes`` multi-Otsu classes inside the head (thresholds ``t_1 < ... <
    t_{K-1}``); segments are the connected components of every class band
    ``t_{k-1} < x <= t_k`` and of every super-level set ``x > t_k``;
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
-from skimage.filters import threshold_multiotsu, threshold_otsu
+from skimage.filters import threshold_multiotsu
 
 from pgasr.priors.base import Prior, window
 from pgasr.priors.config import PriorConfig
@@ -48,7 +48,8 @@ class TissuePrior(Prior):
 
     Args:
         cfg: uses ``window_low/high``, ``tissue_classes`` (>= 2), ``tissue_smooth_sigma``
-            (pixels, >= 0) and ``tissue_min_area`` (fraction of the slice in [0, 1)).
+            (pixels, >= 0), ``tissue_min_area`` (fraction of the slice in [0, 1)) and
+            ``tissue_head_threshold`` (windowed intensity in [0, 1)).
         fallback_reason: why ``backend: auto`` chose this backend (None if requested).
     """
 
@@ -70,11 +71,24 @@ class TissuePrior(Prior):
         self.classes = int(cfg.tissue_classes)
         self.sigma = float(cfg.tissue_smooth_sigma)
         self.min_area = float(cfg.tissue_min_area)
+        if not 0.0 <= cfg.tissue_head_threshold < 1.0:
+            raise ValueError("prior.tissue_head_threshold must be in [0, 1), got "
+                             f"{cfg.tissue_head_threshold}")
+        self.head_threshold = float(cfg.tissue_head_threshold)
         self.window_low, self.window_high = float(cfg.window_low), float(cfg.window_high)
+
+    def _thresholds(self, vals: np.ndarray) -> np.ndarray:
+        """``classes - 1`` multi-Otsu thresholds of the head's grey levels; with no more
+        distinct levels than classes, the midpoints between the levels (each is a class)."""
+        levels = np.unique(vals)
+        if len(levels) <= self.classes:
+            return (levels[:-1] + levels[1:]) / 2
+        return threshold_multiotsu(vals, classes=self.classes)
 
     def params(self) -> dict[str, Any]:
         return {"window": [self.window_low, self.window_high], "classes": self.classes,
-                "smooth_sigma": self.sigma, "min_area": self.min_area, "version": 1}
+                "smooth_sigma": self.sigma, "min_area": self.min_area,
+                "head_threshold": self.head_threshold, "version": 1}
 
     def segments(self, slice_: np.ndarray) -> np.ndarray:
         """(H, W) slice -> (n, H, W) bool segments (head, class bands, super-level sets)."""
@@ -86,16 +100,12 @@ class TissuePrior(Prior):
         empty = np.zeros((0, h, w), dtype=bool)
         if float(x.max() - x.min()) < 1e-6:
             return empty
-        head = ndimage.binary_fill_holes(x > threshold_otsu(x))
+        head = ndimage.binary_fill_holes(x > self.head_threshold)
         segs = _components(head, min_area)
         if not segs:
             return empty
         head = np.logical_or.reduce(segs)
-        vals = x[head]
-        try:
-            thr = threshold_multiotsu(vals, classes=self.classes)
-        except ValueError:  # fewer distinct grey levels than classes: head only
-            thr = np.array([])
+        thr = self._thresholds(x[head])
         edges = [-np.inf, *thr.tolist(), np.inf]
         for lo, hi in zip(edges[:-1], edges[1:]):  # class bands
             segs += _components(head & (x > lo) & (x <= hi), min_area)
