@@ -2,8 +2,8 @@
 join (or start) a cluster, one way to fail.
 
 Every job takes ``--config``, repeatable ``--set key=value`` overrides and ``--address``
-(default: the cluster given by ``RAY_ADDRESS`` / ``ray job submit``, else a running local
-cluster, else a new local one bound to 127.0.0.1).
+(default: the cluster given by ``RAY_ADDRESS`` / ``ray job submit``, else a new local one
+without a dashboard; ``--address auto`` joins a cluster already running on this machine).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def job_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable)")
     p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: RAY_ADDRESS, a running cluster, or local)")
+                   help="Ray cluster address, e.g. auto or ray://host:10001 (default: "
+                        "RAY_ADDRESS as set by `ray job submit`, else a new local cluster)")
     return p
 
 
@@ -52,7 +53,14 @@ def init_ray(address: str | None, cfg: RunConfig | None = None):
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
-        ray.init(runtime_env=env, include_dashboard=False, log_to_driver=True)
+        n = (cfg.resources.local_num_cpus if cfg is not None else 0) or max(4, (os.cpu_count() or 2) + 2)
+        # address="local": a fresh single-node cluster for this job (use --address auto to join
+        # one that is already running on this machine).
+        ray.init(address="local", runtime_env=env, include_dashboard=False, log_to_driver=True,
+                 num_cpus=n)
+    # Per-operator progress bars from inside train workers flood job logs; keep Ray Data quiet
+    # and report progress from the training loop instead.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     return ray
 
 

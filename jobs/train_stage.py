@@ -136,7 +136,7 @@ def run_stage(stage: int, cfg: RunConfig, address: str | None = None) -> Path:
         _train_loop,
         train_loop_config={"cfg": config_to_dict(cfg), "stage": stage, "meta": meta,
                            "stage1_checkpoint": stage1_ckpt, "has_val": bool(val_files),
-                           "threads": max(1, int(res.cpus_per_worker))},
+                           "threads": res.torch_threads or max(1, int(res.cpus_per_worker))},
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker={"CPU": res.cpus_per_worker}),
         run_config=RayRunConfig(

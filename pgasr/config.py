@@ -103,6 +103,10 @@ class ResourcesConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    torch_threads: int = 0  # intra-op threads per train worker; 0 = cpus_per_worker
+    # Logical CPUs of a local cluster started by a job (0 = max(4, cores + 2)). Ray Data needs
+    # CPUs beside the train workers' or the streaming read deadlocks.
+    local_num_cpus: int = 0
     gpus_per_prior_actor: float = 0.0
     prior_actors: int = 2
     max_failures: int = 2
@@ -111,6 +115,13 @@ class ResourcesConfig:
 
 @dataclass
 class ServeConfig:
+    """The HTTP service (``serve/app.py``; routes, limits and security in ``docs/serve.md``).
+
+    API keys come from the environment variable named by ``api_keys_env`` (comma-separated)
+    and/or ``api_keys_file`` (comma- or newline-separated, ``#`` comments); the service
+    refuses to start without one unless ``allow_no_auth`` (development only) is set.
+    """
+
     checkpoint: str = ""
     host: str = "127.0.0.1"
     port: int = 8000
@@ -126,6 +137,11 @@ class ServeConfig:
     target_ongoing_requests: float = 2.0
     max_ongoing_requests: int = 8
     gpus_per_replica: float = 0.0
+    cpus_per_replica: float = 1.0
+    max_queued_requests: int = 64  # per caller; beyond it Serve answers 503 at once
+    max_slice_pixels: int = 1024 * 1024  # LR pixels (h x w) of one /v1/sr/slice image
+    bf16: bool = False  # autocast on CUDA replicas
+    allow_no_auth: bool = False  # development only: no API key needed (loud warning)
 
 
 @dataclass
