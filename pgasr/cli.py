@@ -225,8 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Later modules (training, inference, evaluation, client) register their subcommands here.
-_EXTRA_COMMANDS: list = []
+def _register_client(sub) -> None:
+    from pgasr.client import register
+
+    register(sub)
+
+
+# Modules with their own subcommand groups register them here.
+_EXTRA_COMMANDS: list = [_register_client]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 Stage 1: L1 + perceptual + adversarial (hinge, taming's adaptive weight) + codebook +
 beta * commitment. Stage 2: L1 + alpha1 * L_align_s + alpha2 * L_align_d, where the alignment
-terms are KL divergences between code-index distributions a = softmax(-d / (n_z tau)).
+terms are KL divergences between code-index distributions a = softmax(-d / tau).
 
 The perceptual term is LPIPS when its backbone weights are on disk; otherwise an explicit,
 logged, download-free fallback (:class:`FrequencyGradientLoss`). :attr:`PerceptualLoss.kind`

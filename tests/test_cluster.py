@@ -379,8 +379,6 @@ def test_rayservice_config_is_valid_serve_config():
 
 def test_rayservice_import_path_exists():
     path = ROOT / "serve/app.py"
-    if not path.is_file():
-        pytest.xfail("serve/app.py not yet written")
     tree = ast.parse(path.read_text())
     assert "build_app" in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
 

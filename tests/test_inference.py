@@ -111,7 +111,8 @@ def test_sr_cli_contract(ckpt_dir, tmp_path):
     assert img.get_data_dtype() == np.float32
 
 
-@pytest.mark.parametrize("case", ["not_nifti", "2d", "nan", "empty", "scale", "stage1"])
+@pytest.mark.parametrize("case", ["not_nifti", "2d", "nan", "empty", "scale", "stage1",
+                                  "nan_affine"])
 def test_sr_cli_rejects_bad_input(ckpt_dir, tmp_path, capsys, case):
     out = tmp_path / "sr.nii.gz"
     args = ["sr", "--checkpoint", str(ckpt_dir), "--scale", "2", "--output", str(out)]
@@ -126,6 +127,15 @@ def test_sr_cli_rejects_bad_input(ckpt_dir, tmp_path, capsys, case):
         p = _save(tmp_path / "x.nii", d, np.eye(4))
     elif case == "empty":
         p = _save(tmp_path / "x.nii", np.zeros((8, 8, 3), np.float32), np.eye(4))
+    elif case == "nan_affine":
+        img = nib.Nifti1Image(np.random.rand(8, 8, 3).astype(np.float32), np.eye(4))
+        raw = bytearray(img.to_bytes())
+        import struct
+
+        raw[280:284] = struct.pack("<f", float("nan"))  # srow_x[0]
+        raw[254:256] = struct.pack("<h", 1)  # sform_code: use the (broken) sform
+        p = tmp_path / "x.nii"
+        p.write_bytes(bytes(raw))
     elif case == "scale":
         p = _save(tmp_path / "x.nii", np.random.rand(8, 8, 3).astype(np.float32), np.eye(4))
         args[4] = "4"

@@ -74,9 +74,12 @@ def load_nifti_bytes(data: bytes, name: str = "<bytes>") -> nib.Nifti1Image:
     try:
         img = nib.Nifti1Image.from_bytes(data)
         arr = np.asanyarray(img.dataobj)
+        out = nib.Nifti1Image(arr, img.affine, img.header)
     except Exception as e:  # nibabel raises a zoo of types on malformed headers
         raise ValueError(f"{name}: not a readable NIfTI-1 image ({type(e).__name__}: {e})") from None
-    return nib.Nifti1Image(arr, img.affine, img.header)
+    if out.affine is None or not np.isfinite(out.affine).all():
+        raise ValueError(f"{name}: header affine is missing or not finite")
+    return out
 
 
 def canonical(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:

@@ -16,8 +16,8 @@ class ModelConfig:
     """Architecture of Ê/E, Z, G, D and SCAB (paper Sec. 2, Sec. 3 "Implementation Detail")."""
 
     # f: HR pixels per latent position along each axis (1, 2, 4, 8). Stage 2 decodes with the
-    # frozen G, so the stage-1 reconstruction at this f is a hard ceiling on SR quality; see the
-    # latent sweep in docs/model.md for why 2 is the default.
+    # frozen G, so the stage-1 reconstruction at this f is a hard ceiling on SR quality. 2 is
+    # the CPU default; the latent sweep in docs/model.md recommends 1 for the paper preset.
     latent_factor: int = 2
     channels: list[int] = field(default_factory=lambda: [32, 32, 48, 48])  # the 4 encoder levels
     n_z: int = 32  # code dimension
@@ -72,8 +72,9 @@ class Stage2Config:
     lr_halve_every: int = 10
     alpha1: float = 0.1  # weight of L_align_s
     alpha2: float = 0.1  # weight of L_align_d
-    # Temperature of a = softmax(-d / tau) over squared code distances d (Sec. 2.2); the
-    # distances are divided by n_z first so tau does not depend on the code dimension.
+    # Temperature of a = softmax(-d / tau) over the squared code distances d of Eq. 1
+    # (Sec. 2.2). 1 = the plain softmax over negative distances; docs/model.md measures how
+    # peaked that is on a trained codebook.
     tau: float = 1.0
     align_s: bool = True
     align_d: bool = True

@@ -7,7 +7,7 @@ Stage 1 (anatomical-conditioned codebook generation, Sec. 2.1)::
 Stage 2 (prior matching alignment, Sec. 2.2), for a triplet t-1, t, t+1::
 
     [lr_up | prior_lr]^{t-1,t,t+1} --E--> z^{t-1,t,t+1} --SCAB--> z'^{t-1,t,t+1}
-        --d to Z--> a = softmax(-d/(n_z tau))      (L_align_s on a^{t-1}, a^t, a^{t+1})
+        --d to Z--> a = softmax(-d/tau)      (L_align_s on a^{t-1}, a^t, a^{t+1})
     z'^t --Z (frozen)--> z_q^t --G (frozen)--> sr (B,1,H,W)
     [hr | prior_hr]^t --Ê (frozen)--> a_HR^t        (L_align_d)
 """
@@ -179,27 +179,29 @@ class CodeOutput:
 
     Attributes:
         indices: (B, h, w) argmin code per latent position.
-        probs: (B, N, h, w) a = softmax(-d / (n_z tau)).
+        probs: (B, N, h, w) a = softmax(-d / tau).
     """
 
     indices: torch.Tensor
     probs: torch.Tensor
 
 
-def code_log_probs(distances: torch.Tensor, n_z: int, tau: float) -> torch.Tensor:
-    """log a = log softmax(-d / (n_z tau)) over the code axis (Sec. 2.2).
+def code_log_probs(distances: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """log a = log softmax(-d / tau) over the code axis (Sec. 2.2).
 
-    Squared distances are divided by n_z (per-dimension mean squared distance) so ``tau`` keeps
-    its meaning when the code dimension changes.
+    ``d`` are the raw squared distances of Eq. 1, so ``tau = 1`` is the plain softmax over
+    negative distances; see docs/model.md for how peaked that is on a trained codebook.
 
     Args:
         distances: (B, N, h, w) squared distances to the codes.
+        tau: temperature (> 0).
+
     Returns:
         (B, N, h, w) float32 log-probabilities.
     """
     if tau <= 0:
         raise ValueError(f"stage2.tau must be > 0, got {tau}")
-    return F.log_softmax(-distances.float() / (n_z * tau), dim=1)
+    return F.log_softmax(-distances.float() / tau, dim=1)
 
 
 class Stage2Model(nn.Module):
@@ -303,7 +305,7 @@ class Stage2Model(nn.Module):
         """
         x = pad_to_multiple(_input(hr, prior_hr, self.acg), self.latent_factor)
         d = self.quantizer.distances(self.encoder_hat(x))
-        return CodeOutput(d.argmin(1), code_log_probs(d, self.n_z, self.tau).exp())
+        return CodeOutput(d.argmin(1), code_log_probs(d, self.tau).exp())
 
     @torch.no_grad()
     def codes(self, lr_up: torch.Tensor, prior_lr: torch.Tensor | None = None) -> CodeOutput:
@@ -314,7 +316,7 @@ class Stage2Model(nn.Module):
         """
         z = self.features(lr_up, prior_lr)[:, 0]
         d = self.quantizer.distances(z)
-        return CodeOutput(d.argmin(1), code_log_probs(d, self.n_z, self.tau).exp())
+        return CodeOutput(d.argmin(1), code_log_probs(d, self.tau).exp())
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -351,16 +353,16 @@ class Stage2Model(nn.Module):
         if not return_all:
             return sr
         if k == 1:
-            log_probs = code_log_probs(quant.distances, self.n_z, self.tau)[:, None]
+            log_probs = code_log_probs(quant.distances, self.tau)[:, None]
         else:
             d = self.quantizer.distances(z.reshape(-1, *z.shape[2:]))  # (B*3, N, h, w)
-            log_probs = code_log_probs(d, self.n_z, self.tau).reshape(*z.shape[:2], *d.shape[1:])
+            log_probs = code_log_probs(d, self.tau).reshape(*z.shape[:2], *d.shape[1:])
         out = Stage2Output(sr, log_probs, quant.indices, z_t, quant.z_q)
         if hr is not None:
             with torch.no_grad():
                 x = pad_to_multiple(_input(hr, prior_hr, self.acg), self.latent_factor)
                 d_hr = self.quantizer.distances(self.encoder_hat(x))
-            out.log_probs_hr = code_log_probs(d_hr, self.n_z, self.tau)
+            out.log_probs_hr = code_log_probs(d_hr, self.tau)
             out.indices_hr = d_hr.argmin(1)
         return out
 

@@ -32,6 +32,8 @@ class SCAB(nn.Module):
         mode: str = "concat",
     ):
         super().__init__()
+        if mode not in ("concat", "literal"):
+            raise ValueError(f"model.scab_mode must be 'concat' or 'literal', got {mode!r}")
         self.mode = mode
         self.norm_q = nn.LayerNorm(dim)
         self.norm_kv = nn.LayerNorm(dim)

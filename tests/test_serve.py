@@ -1,0 +1,666 @@
+"""The HTTP service (serve/app.py): key handling, input decoding and limits in-process; then
+the real thing on Ray Serve (marked ``ray``) over loopback HTTP on port 8400: a volume round
+trip identical to ``Predictor.predict_image``, slice batching across requests, auth, body cap,
+every bad input a JSON 4xx, and a bounded hostile-input fuzzer after which the same replica is
+still serving."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import gzip
+import io
+import random
+import socket
+import struct
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from pgasr.config import ConfigError, ServeConfig, load_config
+from pgasr.data.ixi import image_to_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `serve` is a top-level directory, not an installed package
+
+from serve import app as A  # noqa: E402
+from serve_fixtures import make_tiny_checkpoint, synthetic_volume  # noqa: E402
+
+PORT = 8400
+URL = f"http://127.0.0.1:{PORT}"
+KEY = "test-key-0123456789abcdef"
+KEY2 = "second-key-fedcba9876543210"
+H = {"X-API-Key": KEY}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "stage2")
+
+
+@pytest.fixture(scope="module")
+def key_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("keys") / "api_keys"
+    p.write_text(f"# test keys\n{KEY}\n{KEY2}  # second\n")
+    p.chmod(0o600)
+    return p
+
+
+def _nii(data, affine=None, gz=True) -> bytes:
+    return image_to_bytes(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), gz=gz)
+
+
+def _npy(arr) -> bytes:
+    b = io.BytesIO()
+    np.save(b, arr, allow_pickle=True)
+    return b.getvalue()
+
+
+def _with_dims(raw: bytes, dims) -> bytes:
+    """A NIfTI file whose header claims ``dims`` (data left as is)."""
+    b = bytearray(raw)
+    b[40:56] = struct.pack("<8h", len(dims), *dims, *[1] * (7 - len(dims)))
+    return bytes(b)
+
+
+def _singular_affine(raw: bytes) -> bytes:
+    """qform off, sform on with all-zero rows: a non-invertible affine."""
+    b = bytearray(raw)
+    b[252:256] = struct.pack("<2h", 0, 1)
+    b[280:328] = bytes(48)
+    return bytes(b)
+
+
+VOL = synthetic_volume()
+RAW = image_to_bytes(VOL, gz=False)
+GZ = image_to_bytes(VOL)
+
+
+# --------------------------------------------------------------------------- no Ray
+
+
+def test_api_keys_from_env_and_file(key_file):
+    cfg = ServeConfig(api_keys_env="PGASR_TEST_KEYS", api_keys_file=str(key_file))
+    env = {"PGASR_TEST_KEYS": "env-key-aaaaaaaaaaaaaaaa, env-key-bbbbbbbbbbbbbbbb ,"}
+    assert A.load_api_keys(cfg, env) == ["env-key-aaaaaaaaaaaaaaaa", "env-key-bbbbbbbbbbbbbbbb",
+                                         KEY, KEY2]
+    with pytest.raises(ConfigError, match="shorter than 16"):
+        A.load_api_keys(ServeConfig(api_keys_env="K"), {"K": "short"})
+    with pytest.raises(ConfigError, match="no API keys configured.*allow_no_auth"):
+        A.load_api_keys(ServeConfig(api_keys_env="K"), {})
+    with pytest.raises(ConfigError, match="not found"):
+        A.load_api_keys(ServeConfig(api_keys_file="/nonexistent/keys"), {})
+    assert A.load_api_keys(ServeConfig(api_keys_env="K", allow_no_auth=True), {}) == []
+
+
+def test_key_checker():
+    kc = A.KeyChecker([KEY, KEY2])
+    kc.check({"x-api-key": KEY})
+    kc.check({"authorization": f"Bearer {KEY2}"})
+    for headers in ({}, {"x-api-key": KEY[:-1]}, {"x-api-key": KEY + "x"},
+                    {"authorization": f"Basic {KEY}"}, {"authorization": "Bearer "}):
+        with pytest.raises(A.ApiError) as e:
+            kc.check(headers)
+        assert e.value.status == 401
+    with pytest.raises(ConfigError):
+        A.KeyChecker([])
+    A.KeyChecker([], allow_no_auth=True).check({})
+
+
+BAD_VOLUMES = {
+    "not_nifti": (b"hello world, not an image " * 40, "not a NIfTI-1 file"),
+    "random_bytes": (random.Random(0).randbytes(5000), "NIfTI|gzip"),
+    "truncated_gzip": (GZ[: len(GZ) // 2], "truncated gzip"),
+    "corrupt_gzip": (GZ[:20] + bytes(200) + GZ[220:], "gzip|shorter"),
+    "truncated_raw": (RAW[:1000], "shorter than its header"),
+    "two_d": (_nii(np.random.rand(8, 8).astype(np.float32)), "expected a 3-D volume"),
+    "four_d": (_nii(np.random.rand(8, 8, 3, 2).astype(np.float32)), "expected a 3-D volume"),
+    "nan": (_nii(np.where(np.random.rand(8, 8, 3) > 0.5, np.nan, 1).astype(np.float32)), "NaN"),
+    "inf": (_nii(np.full((8, 8, 3), np.inf, np.float32)), "NaN or inf"),
+    "constant": (_nii(np.ones((8, 8, 3), np.float32)), "constant"),
+    "zero_dim": (_with_dims(RAW, [16, 12, 0]), "empty volume"),
+    "negative_dim": (_with_dims(RAW, [16, -12, 5]), "negative"),
+    "nifti2": (struct.pack("<i", 540) + bytes(600), "NIfTI-2"),
+    "complex": (_nii((np.random.rand(8, 8, 3) * 1j).astype(np.complex64)), "voxel type"),
+    "singular_affine": (_singular_affine(RAW), "affine"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VOLUMES))
+def test_decode_nifti_rejects(case):
+    data, reason = BAD_VOLUMES[case]
+    with pytest.raises(ValueError, match=reason) as e:
+        A.decode_nifti(data, 100_000)
+    assert not isinstance(e.value, A.TooLarge)
+
+
+def test_decode_nifti_limits_before_allocating():
+    huge = _with_dims(RAW, [30000, 30000, 30000])
+    for data in (huge, gzip.compress(huge)):
+        with pytest.raises(A.TooLarge, match="voxels; the limit"):
+            A.decode_nifti(data, 100_000)
+    # a gzip bomb behind a small valid header: only header + data are ever decompressed
+    bomb = gzip.compress(RAW + bytes(200_000_000), compresslevel=1)
+    assert len(bomb) < 1_000_000
+    t0 = time.perf_counter()
+    img = A.decode_nifti(bomb, 100_000)
+    assert img.shape == VOL.shape and time.perf_counter() - t0 < 2.0
+    # both encodings decode to the same image
+    np.testing.assert_array_equal(A.decode_nifti(RAW, 10**6).get_fdata(),
+                                  A.decode_nifti(GZ, 10**6).get_fdata())
+
+
+def test_decode_nifti_fuzz_raises_only_valueerror():
+    """Seeded header/byte mutations: every failure is a ValueError with a reason."""
+    rng = random.Random(1)
+    for i in range(400):
+        b = bytearray(RAW)
+        for _ in range(rng.randint(1, 4)):
+            pos = rng.randrange(0, 344)
+            b[pos : pos + 4] = rng.choice([
+                struct.pack("<i", rng.choice([0, -1, 2**31 - 1, 7, 65535])),
+                struct.pack("<f", rng.choice([float("nan"), float("inf"), 0.0, -1.0, 1e30])),
+                rng.randbytes(4)])
+        data = gzip.compress(bytes(b)) if i % 2 else bytes(b)
+        try:
+            A.decode_nifti(data, 100_000)
+        except ValueError as e:
+            assert str(e)
+
+
+@pytest.mark.parametrize("arr,status,reason", [
+    (np.zeros((2, 4, 4), np.float32), None, "expected a 2-D slice"),
+    (np.zeros((3, 4, 4, 1), np.float32), None, "expected a 2-D slice"),
+    (np.zeros((0, 4), np.float32), None, "empty slice"),
+    (np.full((4, 4), np.nan, np.float32), None, "NaN"),
+    (np.array(["a", "b"]), None, "dtype"),
+    (np.array([{"x": 1}], dtype=object), None, "dtype"),
+    (np.zeros((100, 100), np.float32), 413, "limit is 4096"),
+])
+def test_decode_slice_rejects(arr, status, reason):
+    with pytest.raises(ValueError, match=reason) as e:
+        A.decode_slice(_npy(arr), 4096)
+    assert isinstance(e.value, A.TooLarge) == (status == 413)
+
+
+def test_decode_slice_truncated_or_unknown():
+    with pytest.raises(ValueError, match="truncated"):
+        A.decode_slice(_npy(np.ones((8, 8), np.float32))[:-10], 4096)
+    with pytest.raises(ValueError, match="npy array or a PNG"):
+        A.decode_slice(b"not an array", 4096)
+
+
+def test_decode_slice_png_and_triplet():
+    from PIL import Image
+
+    img = (np.arange(48).reshape(6, 8) * 5).astype(np.uint8)
+    b = io.BytesIO()
+    Image.fromarray(img).save(b, format="PNG")
+    trip = A.decode_slice(b.getvalue(), 4096)
+    assert trip.shape == (3, 6, 8) and trip.dtype == np.float32
+    np.testing.assert_array_equal(trip[1], img)
+    t = np.random.rand(3, 5, 7).astype(">f8")
+    np.testing.assert_allclose(A.decode_slice(_npy(t), 4096), t.astype(np.float32))
+    rgb = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(rgb, format="PNG")
+    with pytest.raises(ValueError, match="grayscale"):
+        A.decode_slice(rgb.getvalue(), 4096)
+
+
+def _overrides(ckpt, key_file, **extra):
+    o = {"serve.checkpoint": str(ckpt), "serve.api_keys_file": str(key_file),
+         "serve.api_keys_env": "PGASR_TEST_UNSET_ENV", "serve.min_replicas": 1,
+         "serve.max_replicas": 1, "serve.cpus_per_replica": 0.5,
+         "serve.max_body_bytes": 262144, "serve.max_voxels": 20000,
+         "serve.max_slice_pixels": 4096, "serve.batch_wait_timeout_s": 0.2,
+         "serve.request_timeout_s": 60, **extra}
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def test_build_app_options_and_refusals(ckpt, key_file, monkeypatch):
+    app = A.build_app({"config": str(ROOT / "configs/tiny.yaml"),
+                       "overrides": _overrides(ckpt, key_file, **{"serve.max_replicas": 3})})
+    d = app._bound_deployment
+    assert d.name == "PGASR" and d._deployment_config.max_ongoing_requests == 8
+    a = d._deployment_config.autoscaling_config
+    assert (a.min_replicas, a.max_replicas, a.target_ongoing_requests) == (1, 3, 2.0)
+    assert d.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.0}
+    # `serve run serve.app:build_app serve.checkpoint=...` style arguments
+    app = A.build_app({"serve.checkpoint": str(ckpt), "serve.api_keys_file": str(key_file)})
+    assert app._bound_deployment is not None
+    monkeypatch.delenv("PGASR_API_KEYS", raising=False)
+    with pytest.raises(ConfigError, match="no API keys configured"):
+        A.build_app({"overrides": [f"serve.checkpoint={ckpt}"]})
+    monkeypatch.setenv("PGASR_API_KEYS", f"{KEY},{KEY2}")
+    A.build_app({"overrides": [f"serve.checkpoint={ckpt}"]})
+    with pytest.raises(ConfigError, match="serve.checkpoint is not set"):
+        A.build_app({})
+    with pytest.raises(ConfigError, match="not a directory"):
+        A.build_app({"overrides": ["serve.checkpoint=/nonexistent/ckpt"]})
+    with pytest.raises(ConfigError, match="unknown argument"):
+        A.build_app({"checkpoint": str(ckpt)})
+    with pytest.raises(ConfigError, match="unknown key"):
+        A.build_app({"overrides": ["serve.nope=1"]})
+
+
+def test_checked_in_serve_config_is_private(repo_root):
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = ServeDeploySchema.model_validate(yaml.safe_load((repo_root / "serve/config.yaml").read_text()))
+    assert cfg.http_options.host == "127.0.0.1"
+    (app,) = cfg.applications
+    assert app.import_path == "serve.app:build_app"
+    run = load_config(repo_root / app.args["config"], app.args["overrides"])
+    assert cfg.http_options.request_timeout_s > run.serve.request_timeout_s
+    assert ServeConfig().host == "127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def service(ckpt, key_file):
+    """The replica's Service and FastAPI app, in-process (no Ray)."""
+    from pgasr.inference import Predictor
+
+    cfg = load_config(None, _overrides(ckpt, key_file, **{"serve.request_timeout_s": 1.0}))
+    pred = Predictor.from_checkpoint(ckpt, device="cpu", batch_size=cfg.serve.max_batch_size)
+    svc = A.Service(pred, cfg, A.KeyChecker(A.load_api_keys(cfg.serve)))
+    yield svc
+    svc.close()
+
+
+def test_timeouts_in_process(service):
+    """A stalled upload and a computation past the deadline both end in a JSON 408."""
+
+    async def run():
+        app = A.make_api(service)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://t") as c:
+            async def slow():
+                yield GZ[:100]
+                await asyncio.sleep(3)
+                yield GZ[100:]
+
+            t0 = time.perf_counter()
+            r = await c.post("/v1/sr?scale=2", content=slow(), headers=H)
+            assert r.status_code == 408 and r.json()["error"] == "timeout"
+            assert time.perf_counter() - t0 < 2.5
+            # compute deadline: checked between slice chunks of predict_volume
+            big = _nii((np.random.rand(40, 40, 12) * 100).astype(np.float32))
+            service.scfg.request_timeout_s = 0.05
+            try:
+                r = await c.post("/v1/sr?scale=2", content=big, headers=H)
+            finally:
+                service.scfg.request_timeout_s = 1.0
+            assert r.status_code == 408, r.text
+            r = await c.post("/v1/sr?scale=2", content=GZ, headers=H)
+            assert r.status_code == 200
+
+    asyncio.run(run())
+
+
+# --------------------------------------------------------------------------- on Ray Serve
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, ckpt, key_file):
+    from ray import serve
+
+    app = A.build_app({"config": None, "overrides": _overrides(ckpt, key_file)})
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    try:
+        serve.run(app, name="pgasr", route_prefix="/", blocking=False)
+        with httpx.Client(base_url=URL, timeout=60) as c:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if c.get("/readyz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "Serve app did not become ready"
+                time.sleep(0.5)
+            yield c
+    finally:
+        serve.shutdown()
+
+
+def _is_json_error(r: httpx.Response, status: int | None = None) -> bool:
+    ok = 400 <= r.status_code < 500 and r.headers["content-type"].startswith("application/json")
+    ok = ok and {"error", "detail"} <= set(r.json())
+    return ok and (status is None or r.status_code == status)
+
+
+def _reference(served, fn):
+    """``fn()`` with the replica's torch thread count (float reductions depend on it)."""
+    import torch
+
+    n, threads = torch.get_num_threads(), served.get("/readyz").json()["torch_threads"]
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.mark.ray
+def test_volume_roundtrip_identical_to_predictor(served, ckpt):
+    from pgasr.inference import Predictor
+
+    r = served.post("/v1/sr?scale=2", content=GZ, headers={**H, "Content-Type": "application/gzip"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/gzip" and r.content[:2] == b"\x1f\x8b"
+    out = nib.Nifti1Image.from_bytes(gzip.decompress(r.content))
+    ref = _reference(served, lambda: Predictor.from_checkpoint(
+        ckpt, device="cpu", batch_size=16).predict_image(VOL, 2))
+    assert out.shape == (32, 24, 5) and r.headers["x-pgasr-shape"] == "32,24,5"
+    np.testing.assert_array_equal(np.asanyarray(out.dataobj), np.asanyarray(ref.dataobj))
+    np.testing.assert_allclose(out.affine, ref.affine)
+    np.testing.assert_allclose(out.header.get_zooms(), (1.0, 1.0, 3.0))
+    assert out.header["descrip"].tobytes().startswith(b"pgasr-serve-test")
+    # uncompressed NIfTI in a multipart upload gives the same bytes back
+    r2 = served.post("/v1/sr?scale=2", files={"file": ("lr.nii", RAW, "application/octet-stream")},
+                     headers={"Authorization": f"Bearer {KEY2}"})
+    assert r2.status_code == 200 and r2.content == r.content
+
+
+@pytest.mark.ray
+def test_slices_batch_across_requests(served, ckpt):
+    from pgasr.inference import Predictor, normalise_volume
+
+    pred = Predictor.from_checkpoint(ckpt, device="cpu", batch_size=16)
+    rng = np.random.default_rng(0)
+    slices = [(rng.random((12, 10)) * 500 + 20).astype(np.float32) for _ in range(6)]
+
+    def call(s):
+        return served.post("/v1/sr/slice?scale=2", content=_npy(s),
+                           headers={**H, "Content-Type": "application/x-npy"})
+
+    with ThreadPoolExecutor(6) as ex:
+        rs = list(ex.map(call, slices))
+    for s, r in zip(slices, rs):
+        assert r.status_code == 200, r.text
+        got = np.load(io.BytesIO(r.content), allow_pickle=False)
+        z, mean, std = normalise_volume(np.stack([s, s, s], axis=2), 0.1)
+        ref = pred.predict_triplets(np.moveaxis(z, 2, 0)[None], 2)[0] * std + mean
+        assert got.shape == (24, 20) and got.dtype == np.float32
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-3)
+    assert served.get("/readyz").json()["slice_batches"]["max_size"] > 1
+    # an explicit triplet, already z-scored, passes through unnormalised
+    t = rng.normal(size=(3, 12, 10)).astype(np.float32)
+    r = served.post("/v1/sr/slice?scale=2&normalise=false", content=_npy(t), headers=H)
+    np.testing.assert_allclose(np.load(io.BytesIO(r.content)), pred.predict_triplets(t[None], 2)[0],
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.ray
+def test_auth_everywhere_on_v1(served):
+    for method, path in (("get", "/v1/model"), ("post", "/v1/sr"), ("post", "/v1/sr/slice")):
+        r = served.request(method, path, content=b"x")
+        assert _is_json_error(r, 401) and r.headers["www-authenticate"].startswith("Bearer")
+        r = served.request(method, path, content=b"x", headers={"X-API-Key": "wrong-key-0123456789"})
+        assert _is_json_error(r, 401) and r.json()["detail"] == "invalid API key"
+    assert served.get("/v1/model", headers={"Authorization": f"Bearer {KEY2}"}).status_code == 200
+    assert served.get("/healthz").json() == {"status": "ok"}
+    # the viewer page is public (it asks for the key); its API calls are not
+    r = served.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in r.headers["content-security-policy"] and "/v1/sr" in r.text
+
+
+@pytest.mark.ray
+def test_model_info(served):
+    m = served.get("/v1/model", headers=H).json()
+    assert m["scales"] == [2] and m["prior"]["backend"] == "tissue"
+    assert m["metrics"] == {"val_psnr": 1.0} and m["device"] == "cpu"
+    assert m["limits"]["max_body_bytes"] == 262144 and m["limits"]["max_voxels"] == 20000
+
+
+@pytest.mark.ray
+def test_body_cap(served):
+    big = b"\x00" * 300_000
+    r = served.post("/v1/sr?scale=2", content=big, headers=H)
+    assert _is_json_error(r, 413) and "300000 bytes" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: the streamed bytes are counted
+        for _ in range(40):
+            yield b"\x00" * 10_000
+
+    r = served.post("/v1/sr?scale=2", content=chunks(), headers=H)
+    assert _is_json_error(r, 413), r.text
+    # a header claiming a huge body is refused before any of it is read
+    with socket.create_connection(("127.0.0.1", PORT), timeout=30) as s:
+        s.sendall(f"POST /v1/sr?scale=2 HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n"
+                  f"Content-Length: {10**12}\r\n\r\n".encode())
+        resp = b""
+        while b"\r\n\r\n" not in resp or b"}" not in resp.split(b"\r\n\r\n", 1)[1]:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            resp += chunk
+    assert resp.startswith(b"HTTP/1.1 413") and b'"too_large"' in resp
+
+
+HTTP_BAD = {
+    # name: (path, body, extra headers, expected status)
+    "not_nifti": ("/v1/sr?scale=2", b"definitely not a volume" * 30, {}, 422),
+    "truncated_gzip": ("/v1/sr?scale=2", GZ[: len(GZ) // 2], {}, 422),
+    "two_d": ("/v1/sr?scale=2", BAD_VOLUMES["two_d"][0], {}, 422),
+    "absurd_dims": ("/v1/sr?scale=2", gzip.compress(_with_dims(RAW, [30000, 30000, 30000])), {}, 413),
+    "over_voxel_cap": ("/v1/sr?scale=2", _nii(np.random.rand(40, 40, 20).astype(np.float32)), {}, 413),
+    "nan": ("/v1/sr?scale=2", BAD_VOLUMES["nan"][0], {}, 422),
+    "zero_size": ("/v1/sr?scale=2", b"", {}, 422),
+    "zero_dim": ("/v1/sr?scale=2", _with_dims(RAW, [16, 12, 0]), {}, 422),
+    "unsupported_scale": ("/v1/sr?scale=4", GZ, {}, 422),
+    "non_integer_scale": ("/v1/sr?scale=2.5", GZ, {}, 422),
+    "wrong_content_type": ("/v1/sr?scale=2", GZ, {"Content-Type": "text/plain"}, 415),
+    "json_content_type": ("/v1/sr/slice?scale=2", b"{}", {"Content-Type": "application/json"}, 415),
+    "multipart_no_file": ("/v1/sr?scale=2", b"--b\r\nContent-Disposition: form-data; name=\"x\""
+                          b"\r\n\r\n1\r\n--b--\r\n", {"Content-Type": "multipart/form-data; boundary=b"}, 422),
+    "multipart_garbage": ("/v1/sr?scale=2", b"garbage", {"Content-Type": "multipart/form-data"}, 400),
+    "slice_not_array": ("/v1/sr/slice?scale=2", b"\x00" * 100, {}, 422),
+    "slice_4d": ("/v1/sr/slice?scale=2", _npy(np.zeros((3, 4, 4, 1), np.float32)), {}, 422),
+    "slice_too_big": ("/v1/sr/slice?scale=2", _npy(np.ones((100, 100), np.float32)), {}, 413),
+    "slice_constant": ("/v1/sr/slice?scale=2", _npy(np.ones((8, 8), np.float32)), {}, 422),
+    "slice_bad_flag": ("/v1/sr/slice?scale=2&normalise=maybe", _npy(np.ones((8, 8))), {}, 422),
+    "unknown_route": ("/v1/nope", b"", {}, 404),
+}
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("case", sorted(HTTP_BAD))
+def test_bad_input_is_json_4xx(served, case):
+    path, body, headers, status = HTTP_BAD[case]
+    r = served.post(path, content=body, headers={**H, **headers})
+    assert _is_json_error(r, status), (r.status_code, r.text)
+
+
+def _mutations(rng: random.Random):
+    """(kind, path, body, headers) for hostile requests."""
+    small = synthetic_volume((8, 8, 3), seed=1)
+    raw, gz = image_to_bytes(small, gz=False), image_to_bytes(small)
+    arr = _npy((np.random.default_rng(1).random((8, 8)) * 100).astype(np.float32))
+    kinds = ["truncated", "bitflip_header", "wrong_dims", "huge_header", "nan", "random",
+             "oversize", "bad_scale", "no_key", "bad_ctype", "npy_header", "npy_truncated"]
+    while True:
+        k = rng.choice(kinds)
+        path, hdr = "/v1/sr?scale=2", dict(H)
+        if k == "truncated":
+            src = rng.choice([raw, gz])
+            body = src[: rng.randrange(0, len(src) - 1)]
+        elif k == "bitflip_header":
+            b = bytearray(raw)
+            for _ in range(rng.randint(1, 6)):
+                b[rng.randrange(0, 348)] ^= 1 << rng.randrange(8)
+            body = gzip.compress(bytes(b)) if rng.random() < 0.5 else bytes(b)
+        elif k == "wrong_dims":
+            dims = rng.choice([[8], [8, 8], [8, 8, 3, 2], [8, 8, 3, 1, 4], [0, 8, 3], [8, 8, -3]])
+            body = _with_dims(raw, dims)
+        elif k == "huge_header":
+            b = bytearray(raw)
+            field = rng.choice([(40, "<8h", [3, 32767, 32767, 32767, 1, 1, 1, 1]),
+                                (108, "<f", [rng.choice([1e38, -1.0, float("nan")])]),
+                                (70, "<h", [rng.choice([32767, -1, 1536, 2047])]),
+                                (0, "<i", [rng.choice([2**31 - 1, -1, 0])])])
+            off, fmt, vals = field
+            b[off : off + struct.calcsize(fmt)] = struct.pack(fmt, *vals)
+            body = gzip.compress(bytes(b))
+        elif k == "nan":
+            d = np.asanyarray(small.dataobj).copy()
+            d[rng.randrange(8), rng.randrange(8), rng.randrange(3)] = rng.choice([np.nan, np.inf])
+            body = _nii(d)
+        elif k == "random":
+            body = rng.randbytes(rng.randrange(0, 4000))
+            if rng.random() < 0.3:
+                body = b"\x1f\x8b" + body
+            path = rng.choice(["/v1/sr?scale=2", "/v1/sr/slice?scale=2"])
+        elif k == "oversize":
+            body = rng.randbytes(1024) * 260
+        elif k == "bad_scale":
+            path = f"/v1/sr?scale={rng.choice(['0', '-2', '3', '4', '1e9', '%00', 'x' * 300])}"
+            body = gz
+        elif k == "no_key":
+            hdr = rng.choice([{}, {"X-API-Key": KEY[:-1]}, {"Authorization": "Bearer"}])
+            body = gz
+        elif k == "bad_ctype":
+            hdr["Content-Type"] = rng.choice(["text/html", "application/json", "image/jpeg",
+                                              "application/x-www-form-urlencoded"])
+            body = gz
+        elif k == "npy_header":
+            b = bytearray(arr)
+            i = rng.randrange(8, 80)
+            b[i : i + 8] = rng.choice([b"(9999999", b"'<O',   ", b"\x00" * 8, b"((((((((", b"99999999"])
+            body, path = bytes(b), "/v1/sr/slice?scale=2"
+        else:  # npy_truncated
+            body, path = arr[: rng.randrange(0, len(arr) - 1)], "/v1/sr/slice?scale=2"
+        yield k, path, body, hdr
+
+
+@pytest.mark.ray
+def test_hostile_input_fuzzer(served):
+    """500 hostile requests (fixed seed, loopback): every one answered with a JSON 4xx (a
+    header bit flip that leaves a valid image may legitimately give 200), never a 5xx, and
+    the same replica keeps serving."""
+    replica = served.get("/readyz").json()["replica"]
+    gen = _mutations(random.Random(1234))
+    reqs = [next(gen) for _ in range(500)]
+
+    def send(req):
+        kind, path, body, hdr = req
+        try:
+            r = served.post(path, content=body, headers=hdr)
+        except httpx.HTTPError as e:  # the connection itself must not break either
+            return kind, -1, repr(e)
+        if r.status_code == 200:
+            return kind, 200, ""
+        return kind, r.status_code, "" if _is_json_error(r) else r.text[:200]
+
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(send, reqs))
+    print(collections.Counter((k, st) for k, st, _ in results))
+    bad = [r for r in results if r[1] != 200 and (r[1] < 400 or r[1] >= 500 or r[2])]
+    assert not bad, bad[:10]
+    ok = [r for r in results if r[1] == 200]
+    assert all(k == "bitflip_header" for k, _, _ in ok), ok
+    assert len(ok) < 50
+    statuses = {st for _, st, _ in results}
+    assert {401, 413, 415, 422} <= statuses, statuses
+    assert served.get("/healthz").status_code == 200
+    assert served.get("/readyz").json()["replica"] == replica
+    r = served.post("/v1/sr?scale=2", content=GZ, headers=H)
+    assert r.status_code == 200
+
+
+@pytest.mark.ray
+def test_client_library_and_cli(served, tmp_path, monkeypatch):
+    import argparse
+
+    from pgasr.client import Client, ServiceError, register
+
+    src = tmp_path / "lr.nii.gz"
+    src.write_bytes(GZ)
+    keyf = tmp_path / "key"
+    keyf.write_text(KEY + "\n")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["client", "sr", "--url", URL, "--api-key-file", str(keyf),
+                              "--scale", "2", str(src), str(tmp_path / "sr.nii.gz")])
+    args.func(args)
+    direct = served.post("/v1/sr?scale=2", content=GZ, headers=H).content
+    assert (tmp_path / "sr.nii.gz").read_bytes() == direct
+    monkeypatch.setenv("PGASR_API_KEY", KEY2)
+    args = parser.parse_args(["client", "info", "--url", URL])
+    args.func(args)
+    c = Client(URL, KEY)
+    out = c.sr_file(src, tmp_path / "sr.nii", 2)
+    assert nib.load(out).shape == (32, 24, 5)
+    assert c.sr_slice(np.random.rand(6, 5) * 100, 2).shape == (12, 10)
+    assert c.model()["scales"] == [2] and c.health() == {"status": "ok"}
+    with pytest.raises(ServiceError) as e:
+        Client(URL, "wrong-key-0123456789").model()
+    assert e.value.status == 401 and e.value.error == "unauthorized"
+    with pytest.raises(ServiceError, match="HTTP 422 invalid_input: not a NIfTI-1") as e:
+        c.sr_volume(b"junk" * 100, 2)
+    with pytest.raises(ServiceError, match="cannot reach") as e:
+        Client("http://127.0.0.1:8409", KEY, timeout=5).health()
+    assert e.value.status == 0
+    with pytest.raises(ValueError, match="http"):
+        Client("file:///etc/passwd")
+
+
+@pytest.mark.skipif(__import__("shutil").which("node") is None, reason="needs node")
+def test_viewer_js_parses_nifti_and_matches_bicubic(tmp_path, repo_root):
+    """The viewer's own JS (serve/static/index.html), run by node: it reads .nii.gz and .nii
+    (both endiannesses, int16 with scaling) and its bicubic equals the pipeline's lr_up."""
+    import json
+    import subprocess
+
+    import torch
+
+    from pgasr.steps import upsample_lr
+
+    html = (repo_root / "serve/static/index.html").read_text()
+    js = html.split('<script>', 1)[1].split('$("info").onclick', 1)[0]
+    rng = np.random.default_rng(0)
+    vol = (rng.random((7, 5, 3)) * 1000).astype(np.float32)
+    files = {"f32.nii.gz": image_to_bytes(nib.Nifti1Image(vol, np.eye(4))),
+             "be.nii": image_to_bytes(nib.Nifti1Image(vol.astype(">f4"), np.eye(4)), gz=False)}
+    i16 = nib.Nifti1Image(np.round(vol).astype(np.int16), np.eye(4))
+    i16.header.set_slope_inter(0.5, 10.0)
+    files["i16.nii.gz"] = image_to_bytes(i16)
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    js += """
+    const fs = require("fs");
+    (async () => {
+      const out = {};
+      for (const name of process.argv.slice(2)) {
+        const buf = fs.readFileSync(name);
+        const ab = buf.buffer.slice(buf.byteOffset, buf.byteOffset + buf.length);
+        const v = parseNifti(await gunzipIfNeeded(ab));
+        out[name] = { shape: [v.nx, v.ny, v.nz], data: Array.from(v.data),
+                      bic: Array.from(bicubic(sliceOf(v, 1), v.nx, v.ny, 2)) };
+      }
+      console.log(JSON.stringify(out));
+    })();
+    """
+    (tmp_path / "viewer.js").write_text(js)
+    res = subprocess.run(["node", str(tmp_path / "viewer.js"), *[str(tmp_path / n) for n in files]],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    for name in files:
+        o = out[str(tmp_path / name)]
+        ref = nib.Nifti1Image.from_bytes(gzip.decompress(files[name]) if name.endswith(".gz")
+                                         else files[name]).get_fdata().astype(np.float32)
+        assert o["shape"] == list(ref.shape)
+        js_vol = np.array(o["data"], np.float32).reshape(ref.shape[::-1]).T  # X fastest
+        np.testing.assert_allclose(js_vol, ref, rtol=1e-6)
+        lr_slice = torch.from_numpy(ref[:, :, 1].T.copy())[None, None]  # (1, 1, ny, nx)
+        bic = upsample_lr(lr_slice, (ref.shape[1] * 2, ref.shape[0] * 2))[0, 0].numpy()
+        np.testing.assert_allclose(np.array(o["bic"]).reshape(bic.shape), bic, rtol=1e-4, atol=1e-2)
