@@ -27,15 +27,19 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def session_pids(sid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if os.getsid(int(d.name)) == sid:
-                    out.append(int(d.name))
-            except (ProcessLookupError, PermissionError):
-                pass
-    return out
+    """Live processes whose session id is ``sid`` (zombies excluded)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        state, _ppid, _pgrp, session = stat.rsplit(")", 1)[1].split()[:4]
+        if int(session) == sid and state != "Z":
+            pids.append(int(entry))
+    return pids
 
 
 def stop_session(sid: int, grace_s: float = 15.0) -> None:

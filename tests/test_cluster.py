@@ -37,6 +37,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procutil import session_pids as _session_pids  # noqa: E402,F401
+from procutil import stop_session as _stop_session  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
 KUBERAY = CLUSTER / "kuberay"
@@ -442,37 +446,6 @@ class FakeCluster:
     env: dict  # a client holding the token
     anon_env: dict  # a client without any token
     session_dir: Path  # Ray's session directory (logs)
-
-
-def _session_pids(sid: int) -> list[int]:
-    """Live processes whose session id is `sid` (zombies excluded)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        state, _ppid, _pgrp, session = stat.rsplit(")", 1)[1].split()[:4]
-        if int(session) == sid and state != "Z":
-            pids.append(int(entry))
-    return pids
-
-
-def _stop_session(sid: int, grace_s: float = 15.0) -> None:
-    """SIGTERM every process of session `sid`, then SIGKILL what is left after `grace_s`."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        for pid in _session_pids(sid):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait_s
-        while _session_pids(sid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not _session_pids(sid):
-            return
 
 
 def _port_in_use(port: int) -> bool:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import pgasr.losses as L
 from pgasr.config import RunConfig
 from pgasr.models import build_stage1, build_stage2
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_models import tiny_cfg as _model_tiny_cfg  # noqa: E402
+
 from pgasr.steps import (
     make_stage1_optimizers,
     make_stage2_optimizer,
@@ -20,13 +26,7 @@ from pgasr.steps import (
 
 
 def tiny_cfg(**model) -> RunConfig:
-    cfg = RunConfig()
-    m = cfg.model
-    m.channels, m.n_z, m.decoder_channels = [8, 8, 16, 16], 8, 16
-    m.num_heads, m.window_size, m.codebook_size = 2, 4, 32
-    m.disc_channels, m.disc_layers = 8, 2
-    for k, v in model.items():
-        setattr(m, k, v)
+    cfg = _model_tiny_cfg(**model)
     cfg.stage1.perceptual = "fallback"
     return cfg
 
