@@ -1,4 +1,5 @@
-"""Ray Train driver shared by ``jobs/stage1.py`` and ``jobs/stage2.py``.
+"""Ray Train driver shared by ``jobs/stage1.py``, ``jobs/stage2.py`` and the Tune sweep
+(``tune/sweep.py`` builds each trial's trainer with :func:`make_trainer`).
 
 The worker loop is a thin adapter over :func:`pgasr.training.fit`: Ray Data shards feed it
 (``get_dataset_shard("train")``, shuffled per epoch, equal split so DDP ranks run the same
@@ -8,7 +9,8 @@ self-describing checkpoint from rank 0 every epoch.
 Fault tolerance (Train V2): ``FailureConfig(max_failures)`` restarts workers from the latest
 reported checkpoint; re-running the job with the same ``RunConfig(name, storage_path)``
 resumes a killed run. The loop restores model, optimisers, step, epoch and RNG state from
-the checkpoint's ``train_state.pt``.
+the checkpoint's ``train_state.pt``; a run that had already finished reports its last result
+again instead of nothing (a Tune trial re-run after its sweep's driver died).
 """
 
 from __future__ import annotations
@@ -36,6 +38,30 @@ def data_dir(cfg: RunConfig) -> Path:
             f"no prior shards at {p}: run `python jobs/priors.py --config ...` first "
             "(or set model.acg=false to train without anatomical priors)")
     return Path(cfg.data.prepared_dir)
+
+
+def _run_fingerprint(cfg: RunConfig, stage: int) -> dict:
+    """The config sections a resumed run must share with the run it resumes."""
+    d = config_to_dict(cfg)
+    keys = ["seed", "model", "data", f"stage{stage}"] + (["prior"] if cfg.model.acg else [])
+    return {k: d[k] for k in keys}
+
+
+def _check_same_run(run_path: Path, cfg: RunConfig, stage: int) -> None:
+    """Train V2 resumes whatever run has the same name and storage path. Refuse to resume a
+    run that was started with a different model/data/stage config (its checkpoint would not
+    even load); record the fingerprint for a new run."""
+    fp = json.dumps(_run_fingerprint(cfg, stage), sort_keys=True, default=str)
+    marker = run_path / "pgasr_run_config.json"
+    if marker.is_file() and marker.read_text() != fp:
+        raise SystemExit(
+            f"error: {run_path} holds a stage-{stage} run started with a different config "
+            "(model/data/stage settings changed); Ray Train would resume it. Use another run "
+            f"name (--set name=...), another resources.storage_path, or delete {run_path} "
+            "to start afresh.")
+    if not marker.is_file():
+        run_path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, fp)
 
 
 def _train_loop(config: dict) -> None:
@@ -66,13 +92,39 @@ def _train_loop(config: dict) -> None:
         log.info("rank %d starting stage %d from scratch", rank, stage)
 
     shard = ray.train.get_dataset_shard("train")
+    limit = int(cfg.resources.in_memory_shard_mib) * 2**20
+    cache: dict = {"rows": None, "streaming": limit <= 0}
 
     def batches(epoch: int):
-        return shard.iter_batches(
-            batch_size=sc.batch_size, batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=max(4 * sc.batch_size, 64),
-            local_shuffle_seed=cfg.seed * 10_007 + epoch,
-        )
+        """Epoch 0 (and every epoch of a too-large shard) streams from Ray Data; a small shard
+        is kept in memory after its first pass and reshuffled locally (seeded by epoch)."""
+        import numpy as np
+
+        from pgasr.data.batches import iter_batches
+
+        seed = cfg.seed * 10_007 + epoch
+        if cache["rows"] is not None:
+            yield from iter_batches(cache["rows"], sc.batch_size, shuffle=True, seed=seed,
+                                    drop_last=True)
+            return
+        parts, nbytes = [], 0
+        for b in shard.iter_batches(batch_size=sc.batch_size, batch_format="numpy",
+                                    local_shuffle_buffer_size=max(4 * sc.batch_size, 64),
+                                    local_shuffle_seed=seed):
+            if not cache["streaming"]:
+                parts.append(b)
+                nbytes += sum(v.nbytes for v in b.values())
+                if nbytes > limit:
+                    cache["streaming"], parts = True, []
+                    log.info("rank %d: shard exceeds resources.in_memory_shard_mib=%d, "
+                             "streaming every epoch", rank, cfg.resources.in_memory_shard_mib)
+            n = len(next(iter(b.values())))
+            if n == sc.batch_size:  # equal shards -> equal full-batch counts on every rank
+                yield b
+        if parts:
+            cache["rows"] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            log.info("rank %d: shard of %d rows (%.1f MiB) kept in memory for later epochs",
+                     rank, len(next(iter(cache["rows"].values()))), nbytes / 2**20)
 
     val_rows = None
     if rank == 0 and config.get("has_val"):
@@ -91,21 +143,52 @@ def _train_loop(config: dict) -> None:
         else:
             ray.train.report(clean)
 
+    if resume is not None and _finished(resume, sc):
+        # A run that had already finished, started again (a Tune trial re-run after its sweep
+        # driver died before recording the end, a job resubmitted after it completed): report
+        # the last result once more instead of training zero epochs and reporting nothing,
+        # so the caller (Tune, ASHA, the results table) still sees the final metrics.
+        log.info("rank %d: run already finished at epoch %s; reporting its last result", rank,
+                 resume.meta.get("epoch"))
+        again = None
+        if rank == 0:
+            again = Path(tempfile.mkdtemp(prefix=f"pgasr-s{stage}-")) / "checkpoint"
+            ckpt.to_directory(str(again))
+        report(dict(resume.meta.get("metrics") or {}), again)
+        return
+
     fit(stage, cfg, batches, val_rows=val_rows, stage1_checkpoint=config.get("stage1_checkpoint"),
         resume=resume, wrap=ray.train.torch.prepare_model, report=report,
         device=ray.train.torch.get_device(), extra_meta=config.get("meta"), is_main=rank == 0)
 
 
-def run_stage(stage: int, cfg: RunConfig, address: str | None = None) -> Path:
-    """Run one stage on the cluster; export the final checkpoint to ``{run_dir}/stage{N}``."""
+def _finished(resume, sc) -> bool:
+    """Whether a resumed checkpoint is the end of its run (all epochs, or ``max_steps``)."""
+    ts = resume.train_state or {}
+    epoch = int(ts.get("epoch", resume.meta.get("epoch", -1)))
+    step = int(ts.get("step", resume.meta.get("step", 0)))
+    return epoch + 1 >= sc.epochs or bool(sc.max_steps and step >= sc.max_steps)
+
+
+def make_trainer(stage: int, cfg: RunConfig, *, name: str | None = None,
+                 callbacks: list | None = None):
+    """The ``TorchTrainer`` of one stage (Ray must already be initialised).
+
+    Args:
+        stage: 1 or 2.
+        cfg: resolved run config (``resources`` gives the scaling, ``stage2.stage1_checkpoint``
+            the frozen stage 1 of a stage-2 run).
+        name: Ray Train run name under ``resources.storage_path`` (default
+            ``{cfg.name}-stage{N}``); a run started again under the same name resumes.
+        callbacks: Ray Train ``UserCallback``s, e.g. Tune's ``TuneReportCallback`` when the
+            run is a Tune trial.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from jobs.common import init_ray
     from pgasr.priors import build_prior
 
-    init_ray(address, cfg)
     src = data_dir(cfg)
     train_files = sorted(str(p) for p in (src / "train").glob("*.parquet"))
     if not train_files:
@@ -132,6 +215,9 @@ def run_stage(stage: int, cfg: RunConfig, address: str | None = None) -> Path:
     res = cfg.resources
     storage = str(Path(res.storage_path).resolve()) if "://" not in res.storage_path \
         else res.storage_path
+    name = name or f"{cfg.name}-stage{stage}"
+    if "://" not in storage:
+        _check_same_run(Path(storage) / name, cfg, stage)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"cfg": config_to_dict(cfg), "stage": stage, "meta": meta,
@@ -140,18 +226,35 @@ def run_stage(stage: int, cfg: RunConfig, address: str | None = None) -> Path:
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker={"CPU": res.cpus_per_worker}),
         run_config=RayRunConfig(
-            name=f"{cfg.name}-stage{stage}", storage_path=storage,
+            name=name, storage_path=storage,
             failure_config=FailureConfig(max_failures=res.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks or [])),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+    return trainer
+
+
+def run_stage(stage: int, cfg: RunConfig, address: str | None = None, *,
+              name: str | None = None, out: str | Path | None = None) -> Path:
+    """Run one stage on the cluster; export the final checkpoint to ``out`` (default
+    ``{run_dir}/stage{N}``, with a ``stage{N}.json`` summary beside it).
+
+    ``name`` is the Ray Train run name (default ``{cfg.name}-stage{N}``): running again under
+    the same name and ``resources.storage_path`` resumes from the latest checkpoint.
+    """
+    from jobs.common import init_ray
+
+    init_ray(address, cfg)
+    trainer = make_trainer(stage, cfg, name=name)
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"stage {stage} finished without a checkpoint ({result.error})")
-    out = Path(cfg.run_dir) / f"stage{stage}"
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cfg.run_dir, prefix=f".stage{stage}-"))
+    out = Path(out) if out is not None else Path(cfg.run_dir) / f"stage{stage}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Copy next to the destination, then rename: a crash never leaves half a checkpoint there.
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     with result.checkpoint.as_directory() as d:
         shutil.copytree(d, tmp / "ckpt")
     if out.exists():
@@ -160,8 +263,8 @@ def run_stage(stage: int, cfg: RunConfig, address: str | None = None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     summary = {"stage": stage, "checkpoint": str(out), "ray_checkpoint": result.checkpoint.path,
                "metrics": result.metrics}
-    atomic_write_text(Path(cfg.run_dir) / f"stage{stage}.json", json.dumps(summary, indent=1,
-                                                                          default=str))
+    atomic_write_text(out.parent / f"{out.name}.json", json.dumps(summary, indent=1,
+                                                                  default=str))
     print(f"stage {stage} done: checkpoint {out}\n  metrics: "
           + json.dumps({k: round(v, 4) if isinstance(v, float) else v
                         for k, v in (result.metrics or {}).items()}))

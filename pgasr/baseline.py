@@ -96,3 +96,38 @@ def evaluate_baseline(model: nn.Module, rows: Mapping[str, np.ndarray], scale: i
         out["bicubic_ssim"].append(ssim(lr_up, hr, dr))
     model.train()
     return {k: float(torch.cat(v).mean()) for k, v in out.items()}
+
+
+def compare_with_pgasr(checkpoint: str, data_dir: str, scale: int, *, seconds: float,
+                       batch_size: int = 16, seed: int = 0) -> dict:
+    """The issue's yardstick: a :class:`ResidualCNN` trained for ``seconds`` of wall time on
+    the same training split, then PGASR (``checkpoint``, a stage-2 directory), the CNN and
+    bicubic scored on the *same* test slices with the same metric (per-slice HR range).
+
+    Returns ``{"seconds", "steps", "slices", "psnr": {method: mean}, "ssim": {method: mean}}``.
+    """
+    from pgasr.data.batches import read_split
+    from pgasr.inference import Predictor
+
+    cols = [schema.HR, schema.lr_column(scale)]
+    train = read_split(data_dir, "train", cols)
+    test = read_split(data_dir, "test")
+    cnn, info = train_baseline(train, scale, seconds=seconds, epochs=10**6,
+                               batch_size=batch_size, seed=seed)
+    cnn.eval()
+    pred = Predictor.from_checkpoint(checkpoint, device="cpu")
+    prior_col = schema.prior_lr_column(scale)
+    scores: dict[str, dict[str, list]] = {"psnr": {}, "ssim": {}}
+    with torch.no_grad():
+        for b in iter_batches(test, 8, shuffle=False):
+            lr_up, hr = _centre(b, scale)
+            sr = torch.from_numpy(pred.predict_triplets(
+                b[schema.lr_column(scale)], scale,
+                b[prior_col] if prior_col in b else None))[:, None]
+            dr = (hr.flatten(1).max(1).values - hr.flatten(1).min(1).values).clamp_min(1e-6)
+            for name, img in (("bicubic", lr_up), ("residual_cnn", cnn(lr_up)), ("pgasr", sr)):
+                scores["psnr"].setdefault(name, []).append(psnr(img, hr, dr))
+                scores["ssim"].setdefault(name, []).append(ssim(img, hr, dr))
+    out = {k: {m: float(torch.cat(v).mean()) for m, v in d.items()} for k, d in scores.items()}
+    return {"seconds": info["seconds"], "steps": info["steps"],
+            "slices": int(len(test[schema.HR])), **out}

@@ -125,8 +125,9 @@ def cmd_sr(args: argparse.Namespace) -> None:
     sr = pred.predict_image(img, args.scale, progress=progress)
     bar.close()
     write_nifti(sr, out)
+    # describe() has backend None for a model.acg=false checkpoint (pred.prior is None there)
     print(f"wrote {out}  shape={sr.shape}  voxel={tuple(round(float(z), 4) for z in sr.header.get_zooms()[:3])}"
-          f"  prior={pred.prior.describe().get('backend')}")
+          f"  prior={pred.describe()['prior'].get('backend')}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "PriorConfig",
     "ResourcesConfig",
     "RunConfig",
+    "SearchSpace",
     "ServeConfig",
     "Stage1Config",
     "Stage2Config",
@@ -111,6 +112,11 @@ class ResourcesConfig:
     prior_actors: int = 2
     max_failures: int = 2
     storage_path: str = "runs"
+    # A train worker whose dataset shard is at most this many MiB reads it once through Ray
+    # Data and reshuffles it in memory every later epoch (no per-epoch pipeline start-up,
+    # which dominated small epochs: docs/training.md). Larger shards stream every epoch.
+    # 0 = always stream.
+    in_memory_shard_mib: int = 1024
 
 
 @dataclass
@@ -145,17 +151,58 @@ class ServeConfig:
 
 
 @dataclass
+class SearchSpace:
+    """The search space of one swept loss weight (``tune.alpha1``, ``tune.alpha2``,
+    ``tune.beta``), written as a mapping; a plain YAML list is shorthand for ``values``.
+
+    * ``grid``: every value in ``values`` (cartesian product with the other grids),
+    * ``choice``: one of ``values`` drawn per trial (``tune.num_samples`` trials),
+    * ``uniform`` / ``loguniform``: a range ``[low, high]``, drawn per trial by Tune or, with
+      ``n > 0``, ``n`` values drawn once up front (seeded by ``tune.seed``) and swept as a grid.
+
+    ``beta`` changes stage 1, so its values must be known before the stage-2 trials start (one
+    stage-1 training per value): grid, choice, or a range with ``n > 0``.
+    """
+
+    type: str = "grid"  # grid | choice | uniform | loguniform
+    values: list[float] = field(default_factory=list)
+    low: float = 0.0
+    high: float = 0.0
+    n: int = 0
+
+
+@dataclass
 class TuneConfig:
-    alpha1: list[float] = field(default_factory=lambda: [0.1])
-    alpha2: list[float] = field(default_factory=lambda: [0.1])
-    beta: list[float] = field(default_factory=lambda: [0.25])
-    search: str = "grid"  # grid | random
-    num_samples: int = 1
-    max_concurrent_trials: int = 2
+    """The Ray Tune sweep of the loss weights (``tune/sweep.py``, ``docs/tune.md``).
+
+    Each trial trains stage 2 through Ray Train with one (alpha1, alpha2) on the stage 1 of its
+    beta; stage 1 is trained once per distinct stage-1 config and cached. The defaults bracket
+    the paper's alpha1 = alpha2 = 0.1, beta = 0.25 (3 beta x 9 alpha = 27 trials, 3 stage-1
+    trainings).
+    """
+
+    alpha1: list[float] | SearchSpace = field(default_factory=lambda: [0.03, 0.1, 0.3])
+    alpha2: list[float] | SearchSpace = field(default_factory=lambda: [0.03, 0.1, 0.3])
+    beta: list[float] | SearchSpace = field(default_factory=lambda: [0.1, 0.25, 0.5])
+    search: str = "grid"  # grid | random: how plain lists are read (grid, or choice per trial)
+    num_samples: int = 1  # Tune's num_samples: grid repeats / random draws per grid cell
+    seed: int = 0  # up-front draws (ranges with n > 0) and Tune's random sampling
+    metric: str = "val_psnr"  # val_psnr | val_ssim | val_gain_db (per-epoch validation)
+    mode: str = "max"
     asha: bool = True
-    grace_period: int = 1
+    grace_period: int = 1  # epochs before ASHA may stop a trial
     reduction_factor: int = 2
-    metric: str = "val_psnr"
+    max_concurrent_trials: int = 2  # Train runs in flight (stage-1 trainings included)
+    num_workers: int = 0  # Train workers per trial (0 = resources.num_workers)
+    trial_cpus: float = 1.0  # CPUs held by each trial's driver actor (it only drives Train)
+    max_trial_failures: int = 0  # Tune re-runs of a trial whose driver died
+    final_eval: bool = True  # PSNR/SSIM/LPIPS of every trial's last checkpoint on the val split
+    prepare: bool = True  # run the (idempotent) prepare/priors steps before sweeping
+    name: str = ""  # experiment name under resources.storage_path (default {name}-tune)
+    out_dir: str = ""  # results table, plot, best checkpoint (default {run_dir}/tune)
+    stage1_cache: str = ""  # cached stage-1 checkpoints (default {run_dir}/stage1_cache)
+    best_config: str = "configs/best.yaml"  # the best trial's resolved config
+    best_checkpoint: str = ""  # the best trial's checkpoint directory (default {out_dir}/best)
 
 
 @dataclass
@@ -204,7 +251,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} does not match {tp}")
+        # Name why each alternative failed (e.g. an unknown key inside a mapping).
+        raise ConfigError(f"{where}: {value!r} does not match {tp} ({'; '.join(errors)})")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

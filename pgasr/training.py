@@ -33,7 +33,7 @@ from pgasr.losses import get_perceptual
 from pgasr.models import build_stage1, build_stage2
 from pgasr.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from pgasr.config import RunConfig, config_to_dict
-from pgasr.data.batches import stage1_batch, stage2_batch
+from pgasr.data.batches import random_crop, stage1_batch, stage2_batch
 from pgasr.metrics import psnr, ssim
 
 log = logging.getLogger(__name__)
@@ -234,6 +234,8 @@ def fit(
                 g["lr"] = sc.lr * _lr_factor(sc, epoch)
         t0, n_batches, sums = time.perf_counter(), 0, {}
         for rows in batches(epoch):
+            if sc.crop:  # window position: a function of (seed, step) only -> resumable
+                rows = random_crop(rows, sc.crop, np.random.default_rng([cfg.seed, step]))
             if stage == 1:
                 b = _to(stage1_batch(rows, need_prior=cfg.model.acg), device)
                 o1 = steps.stage1_step(model_w, disc_w, b, cfg, step, perceptual)
@@ -278,9 +280,8 @@ def fit(
         epoch_metrics = {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}
         epoch_metrics.update(epoch=epoch, step=step, lr=sc.lr * _lr_factor(sc, epoch),
                              epoch_time_s=time.perf_counter() - t0, nan_skipped=nan_skipped)
-        if val_rows is not None and (epoch + 1) % max(1, sc.val_every) == 0 or (
-            val_rows is not None and epoch == sc.epochs - 1
-        ):
+        last = epoch == sc.epochs - 1 or bool(sc.max_steps and step >= sc.max_steps)
+        if val_rows is not None and ((epoch + 1) % max(1, sc.val_every) == 0 or last):
             v = (validate_stage1 if stage == 1 else validate_stage2)(model, val_rows, cfg, device)
             epoch_metrics.update(v)
         result.history.append(epoch_metrics)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import io
@@ -41,7 +42,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -570,7 +571,8 @@ class Service:
         cfg: the run config (``cfg.serve`` limits, ``cfg.data.head_threshold``).
         keys: the API-key check.
         submit_slice: ``async (SliceJob) -> np.ndarray``; in Serve the ``@serve.batch``
-            method, which calls :meth:`run_slice_batch` with jobs from many requests.
+            method, which calls :meth:`run_slice_batch` with jobs from many requests. Used
+            through :meth:`submit`.
     """
 
     def __init__(self, predictor, cfg: RunConfig, keys: KeyChecker,
@@ -580,6 +582,7 @@ class Service:
         self.scfg = cfg.serve
         self.keys = keys
         self.submit_slice = submit_slice or self._submit_unbatched
+        self.slices_inflight = 0  # slice jobs submitted and not yet answered
         self.scales = list(predictor.scales)
         self.volume_pool = ThreadPoolExecutor(1, thread_name_prefix="pgasr-volume")
         self.slice_pool = ThreadPoolExecutor(1, thread_name_prefix="pgasr-slices")
@@ -614,6 +617,18 @@ class Service:
 
     async def _submit_unbatched(self, job: SliceJob):
         return (await self.run_slice_batch_async([job]))[0]
+
+    async def submit(self, job: SliceJob):
+        """Super-resolve one slice job: through the batcher while other slice jobs are in
+        flight (they, or later ones, can share its batch), directly when it is alone, so a
+        lone request does not wait ``batch_wait_timeout_s`` for company that is not coming."""
+        self.slices_inflight += 1
+        try:
+            if self.slices_inflight == 1:
+                return await self._submit_unbatched(job)
+            return await self.submit_slice(job)
+        finally:
+            self.slices_inflight -= 1
 
     def prepare_slice(self, body: bytes, normalise: bool) -> tuple[np.ndarray, float, float]:
         """Bytes -> (z-scored triplet (3, h, w), mean, std); normalised per triplet as a
@@ -666,6 +681,17 @@ async def _in_thread(pool: ThreadPoolExecutor, deadline: Deadline, fn, *args):
     except asyncio.CancelledError:
         deadline.cancelled.set()
         raise
+
+
+@dataclass
+class V1Call:
+    """A ``POST /v1/sr*`` request after the shared prologue (``make_api``'s ``v1_call``)."""
+
+    scale: int
+    flags: dict[str, bool]
+    deadline: Deadline
+    body: bytes
+    t0: float  # perf_counter at admission, for X-PGASR-Seconds
 
 
 def _map_compute_errors(e: BaseException) -> ApiError | None:
@@ -743,11 +769,17 @@ def make_api(svc: Service) -> FastAPI:
         return JSONResponse({**svc.predictor.describe(), "limits": svc.limits()},
                             headers={"Cache-Control": "no-store"})
 
-    @app.post("/v1/sr")
-    async def sr_volume(request: Request):
+    @contextlib.asynccontextmanager
+    async def v1_call(request: Request, allowed: set[str],
+                      flags: dict[str, bool] | None = None) -> AsyncIterator[V1Call]:
+        """The prologue and epilogue every ``POST /v1/sr*`` route shares: API key, ``scale``,
+        boolean query ``flags`` (name -> default), media type, deadline, the body (read under
+        the size cap, multipart unwrapped) and the in-flight count; input and compute errors
+        raised inside the block become JSON 4xx (others reach the 500 handler)."""
         svc.keys.check(request.headers)
         scale = parse_scale(request, svc.scales)
-        mt = media_type(request, VOLUME_TYPES)
+        parsed = {k: parse_bool(request, k, d) for k, d in (flags or {}).items()}
+        mt = media_type(request, allowed)
         deadline = Deadline(svc.scfg.request_timeout_s)
         svc.inflight += 1
         t0 = time.perf_counter()
@@ -755,53 +787,45 @@ def make_api(svc: Service) -> FastAPI:
             body = await read_body(request, svc.scfg.max_body_bytes, deadline)
             if mt == MULTIPART:
                 body = extract_multipart(body, request.headers["content-type"])
-            data, shape = await _in_thread(svc.volume_pool, deadline, svc.run_volume,
-                                           body, scale, deadline)
+            yield V1Call(scale, parsed, deadline, body, t0)
         except (ApiError, ValueError, Aborted) as e:
             _guard(e)
         finally:
             svc.inflight -= 1
-        return Response(data, media_type="application/gzip", headers={
-            "Content-Disposition": f'attachment; filename="sr_x{scale}.nii.gz"',
-            "X-PGASR-Shape": ",".join(map(str, shape)), "X-PGASR-Scale": str(scale),
-            "X-PGASR-Seconds": f"{time.perf_counter() - t0:.3f}", "Cache-Control": "no-store",
-            "X-Content-Type-Options": "nosniff"})
+
+    def sr_response(call: V1Call, data: bytes, media: str, suffix: str, shape) -> Response:
+        return Response(data, media_type=media, headers={
+            "Content-Disposition": f'attachment; filename="sr_x{call.scale}{suffix}"',
+            "X-PGASR-Shape": ",".join(map(str, shape)), "X-PGASR-Scale": str(call.scale),
+            "X-PGASR-Seconds": f"{time.perf_counter() - call.t0:.3f}",
+            "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
+
+    @app.post("/v1/sr")
+    async def sr_volume(request: Request):
+        async with v1_call(request, VOLUME_TYPES) as call:
+            data, shape = await _in_thread(svc.volume_pool, call.deadline, svc.run_volume,
+                                           call.body, call.scale, call.deadline)
+        return sr_response(call, data, "application/gzip", ".nii.gz", shape)
 
     @app.post("/v1/sr/slice")
     async def sr_slice(request: Request):
-        svc.keys.check(request.headers)
-        scale = parse_scale(request, svc.scales)
-        normalise = parse_bool(request, "normalise", True)
-        mt = media_type(request, SLICE_TYPES)
-        deadline = Deadline(svc.scfg.request_timeout_s)
-        svc.inflight += 1
-        t0 = time.perf_counter()
-        try:
-            body = await read_body(request, svc.scfg.max_body_bytes, deadline)
-            if mt == MULTIPART:
-                body = extract_multipart(body, request.headers["content-type"])
+        async with v1_call(request, SLICE_TYPES, {"normalise": True}) as call:
+            normalise = call.flags["normalise"]
             # decoding + percentiles of up to 3 x max_slice_pixels: off the event loop
             lr, mean, std = await asyncio.get_running_loop().run_in_executor(
-                None, svc.prepare_slice, body, normalise)
-            res = await asyncio.wait_for(svc.submit_slice(SliceJob(lr, scale)),
-                                         timeout=max(deadline.remaining(), 0.001))
+                None, svc.prepare_slice, call.body, normalise)
+            try:
+                res = await asyncio.wait_for(svc.submit(SliceJob(lr, call.scale)),
+                                             timeout=max(call.deadline.remaining(), 0.001))
+            except asyncio.TimeoutError:
+                raise ApiError(408, "timeout", f"request took longer than "
+                               f"{call.deadline.seconds:g} s") from None
             if isinstance(res, BaseException):
                 raise res
             sr = (res * std + mean).astype(np.float32) if normalise else res
             buf = io.BytesIO()
             np.save(buf, sr, allow_pickle=False)
-        except asyncio.TimeoutError:
-            raise ApiError(408, "timeout", f"request took longer than "
-                           f"{deadline.seconds:g} s") from None
-        except (ApiError, ValueError, Aborted) as e:
-            _guard(e)
-        finally:
-            svc.inflight -= 1
-        return Response(buf.getvalue(), media_type="application/x-npy", headers={
-            "Content-Disposition": f'attachment; filename="sr_x{scale}.npy"',
-            "X-PGASR-Shape": ",".join(map(str, sr.shape)), "X-PGASR-Scale": str(scale),
-            "X-PGASR-Seconds": f"{time.perf_counter() - t0:.3f}", "Cache-Control": "no-store",
-            "X-Content-Type-Options": "nosniff"})
+        return sr_response(call, buf.getvalue(), "application/x-npy", ".npy", sr.shape)
 
     return app
 

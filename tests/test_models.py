@@ -305,3 +305,21 @@ def test_build_stage2_rejects_mismatch():
         build_stage2(bad, s1)
     with pytest.raises(TypeError):
         build_stage2(cfg, nn.Linear(2, 2))
+
+
+def test_stage2_encoder_init():
+    cfg = tiny_cfg()
+    s1, _ = build_stage1(cfg)
+    x, p = torch.randn(1, 2, 16, 16).split(1, 1)
+    scratch = build_stage2(cfg, s1)
+    assert not torch.allclose(scratch.encoder(torch.cat([x, p], 1)), s1.encoder_hat(torch.cat([x, p], 1)))
+    warm_cfg = copy.deepcopy(cfg)
+    warm_cfg.stage2.encoder_init = "stage1"
+    warm = build_stage2(warm_cfg, s1)
+    torch.testing.assert_close(warm.encoder(torch.cat([x, p], 1)), s1.encoder_hat(torch.cat([x, p], 1)))
+    assert all(q.requires_grad for q in warm.encoder.parameters())  # a trainable copy
+    assert warm.encoder.conv_in.weight is not warm.encoder_hat.conv_in.weight
+    assert all(not q.requires_grad for q in warm.encoder_hat.parameters())
+    warm_cfg.stage2.encoder_init = "imagenet"
+    with pytest.raises(ValueError, match="encoder_init"):
+        build_stage2(warm_cfg, s1)

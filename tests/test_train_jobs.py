@@ -44,3 +44,19 @@ def test_two_worker_ddp_both_stages(ray_session, tmp_path):
     assert ck2.stage == 2 and ck2.meta["stage1_checkpoint"].endswith("stage1")
     summary = json.loads((Path(cfg.run_dir) / "stage2.json").read_text())
     assert summary["metrics"]["val_psnr"] > 0
+
+
+def test_refuses_to_resume_a_run_with_another_config(tmp_path):
+    """Train V2 resumes any run with the same name + storage: a changed model config must be
+    refused with a clear message instead of loading a checkpoint that cannot fit."""
+    from jobs.train_stage import _check_same_run
+
+    cfg = tiny_cfg(tmp_path)
+    run = tmp_path / "ray" / "tiny-stage1"
+    _check_same_run(run, cfg, 1)  # new run: records the fingerprint
+    _check_same_run(run, cfg, 1)  # same config: resuming is fine
+    changed_elsewhere = tiny_cfg(tmp_path, "resources.num_workers=1", "stage2.lr=0.1")
+    _check_same_run(run, changed_elsewhere, 1)  # resources / other stage may change
+    other = tiny_cfg(tmp_path, "model.n_z=8")
+    with pytest.raises(SystemExit, match="different config"):
+        _check_same_run(run, other, 1)

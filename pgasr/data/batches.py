@@ -17,7 +17,46 @@ import torch
 
 from pgasr.data import schema
 
-__all__ = ["read_split", "iter_batches", "stage1_batch", "stage2_batch", "split_files"]
+__all__ = ["read_split", "iter_batches", "stage1_batch", "stage2_batch", "split_files",
+           "random_crop"]
+
+
+def random_crop(rows: Mapping[str, np.ndarray], crop: int, rng: np.random.Generator
+                ) -> dict[str, np.ndarray]:
+    """One random ``crop`` x ``crop`` window (HR pixels) of every image column of a batch.
+
+    HR-grid columns (``hr``, priors) are cut at (y, x); LR columns (``lr_x{s}``) at
+    (y/s, x/s) with size crop/s, so a crop keeps HR, LR and priors aligned. The window's
+    corner is a multiple of every LR scale present. ``crop <= 0`` or a crop at least the
+    slice size returns the rows unchanged; non-image columns pass through.
+
+    Args:
+        rows: ``{column: (B, 3, H, W) or (B, 3, H/s, W/s) ndarray, ...}``.
+        crop: side in HR pixels; must be a multiple of every LR scale in ``rows``.
+        rng: source of the window position (seed it per step for reproducible runs).
+    """
+    hr = np.asarray(rows[schema.HR])
+    h, w = hr.shape[-2:]
+    if crop <= 0 or (crop >= h and crop >= w):
+        return dict(rows)
+    scales = [int(k.rsplit("x", 1)[1]) for k in rows if k.startswith("lr_x")]
+    step = int(np.lcm.reduce([1, *scales]))
+    if crop % step:
+        raise ValueError(f"crop {crop} must be a multiple of the LR scales {scales}")
+    ch, cw = min(crop, h), min(crop, w)
+    y = int(rng.integers(0, (h - ch) // step + 1)) * step
+    x = int(rng.integers(0, (w - cw) // step + 1)) * step
+    out = {}
+    for k, v in rows.items():
+        v = np.asarray(v)
+        if k.startswith("lr_x"):
+            s = int(k.rsplit("x", 1)[1])
+            out[k] = v[..., y // s : (y + ch) // s, x // s : (x + cw) // s]
+        elif v.ndim >= 3 and v.shape[-2:] == (h, w):
+            out[k] = v[..., y : y + ch, x : x + cw]
+        else:
+            out[k] = v
+    return out
 
 
 def _t(x: np.ndarray) -> torch.Tensor:

@@ -1,7 +1,13 @@
 """Small convolutional building blocks shared by the encoder and decoder.
 
-Normalisation is GroupNorm only: data-parallel training runs one slice per worker, where
-BatchNorm statistics would be meaningless.
+Normalisation in the generator (Ê, E, G) is :class:`ChannelNorm`: a LayerNorm over the
+channels of each pixel. It has no batch statistics (data-parallel training runs one slice per
+worker, where BatchNorm breaks) and, unlike GroupNorm, no *spatial* statistics either: a pixel's
+output does not depend on how much background the rest of the image or crop holds. GroupNorm
+(taming's choice) made training on crops and inference on whole slices disagree and removed the
+absolute intensity level the decoder has to reproduce (EDSR's argument against normalisation
+in SR networks); measured in docs/model.md ("Normalisation"). The discriminator keeps
+GroupNorm (:func:`group_norm`): it only has to rank real vs fake.
 """
 
 from __future__ import annotations
@@ -22,6 +28,21 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups(channels), channels, eps=1e-6)
 
 
+class ChannelNorm(nn.Module):
+    """LayerNorm over C at every pixel of a (B, C, H, W) map (ConvNeXt's "channels_first" LN).
+
+    Shapes: (B, C, H, W) -> (B, C, H, W). Invariant to crop size and to other pixels.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.num_channels = channels
+        self.norm = nn.LayerNorm(channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 class ResBlock(nn.Module):
     """Pre-activation residual block (taming's ``ResnetBlock`` without the time embedding).
 
@@ -35,9 +56,9 @@ class ResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int | None = None):
         super().__init__()
         out_channels = out_channels or in_channels
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = ChannelNorm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = ChannelNorm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.shortcut = (
             nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()

@@ -54,6 +54,9 @@ class Stage1Config:
     adaptive_weight_max: float = 1e4  # clamp of the adaptive weight (taming)
     disc_start: int = 2000  # step at which the adversarial term switches on
     max_steps: int = 0  # 0 = no cap
+    # Train on random crop x crop windows (HR pixels) of the slices; 0 = whole slices. The
+    # generator has no spatial statistics (ChannelNorm), so crops train what whole slices use.
+    crop: int = 0
     dead_code_restart: bool = False
     dead_code_after: int = 200  # steps without use before a code counts as dead
     log_every: int = 50
@@ -78,10 +81,16 @@ class Stage2Config:
     tau: float = 1.0
     align_s: bool = True
     align_d: bool = True
+    # E's initial weights: "scratch" (the paper: a fresh encoder) or "stage1" (a copy of the
+    # trained Ê, as CodeFormer's stage II does). LR inputs look like blurred HR, so the copy
+    # starts near bicubic quality instead of from noise; at CPU budgets this is the difference
+    # between a gain and a loss over bicubic (docs/model.md, "Stage-2 encoder init").
+    encoder_init: str = "scratch"
     commit_weight: float = 0.0  # optional ||sg[z_q] - E(x)||^2 term; 0 = Eq. 5 exactly
     scale: int = 2
     stage1_checkpoint: str = ""
     max_steps: int = 0
+    crop: int = 0  # random crop side in HR pixels (multiple of scale); 0 = whole slices
     log_every: int = 50
     val_every: int = 1
     bf16: bool = False

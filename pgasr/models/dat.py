@@ -13,8 +13,9 @@ Follows ``basicsr/archs/dat_arch.py`` of zhengchen1999/DAT:
 
 Differences from the reference, on purpose:
 
-* BatchNorm inside AIM is replaced by ``GroupNorm(1, C)`` (per-sample, channel-wise), because
-  data-parallel training here runs one slice per worker.
+* BatchNorm inside AIM is replaced by a per-pixel LayerNorm over channels
+  (:class:`~pgasr.models.blocks.ChannelNorm`): data-parallel training here runs one slice per
+  worker, and a norm with spatial statistics (GroupNorm) made crops and whole slices disagree.
 * Windows are square (``window_size`` x ``window_size``), so DAT's two rectangular-window
   branches collapse into one multi-head attention over all channels (the reference notes that
   "for square windows, window-0 and window-1 can be merged").
@@ -33,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+
+from pgasr.models.blocks import ChannelNorm
 
 NEG_INF = -1e4  # additive mask value; finite so fully masked rows cannot produce NaN (bf16-safe)
 
@@ -76,7 +79,7 @@ def _relative_tables(ws: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _aim_norm(channels: int) -> nn.Module:
     """BatchNorm in the reference; see module docstring. Bottlenecks narrower than 4 channels
     (tiny test models) get no norm: normalising 1-3 values per sample is degenerate."""
-    return nn.GroupNorm(1, channels) if channels >= 4 else nn.Identity()
+    return ChannelNorm(channels) if channels >= 4 else nn.Identity()
 
 
 class _AIM(nn.Module):

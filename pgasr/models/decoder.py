@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pgasr.models.blocks import ResBlock, Upsample, check_latent_factor, group_norm
+from pgasr.models.blocks import ResBlock, Upsample, ChannelNorm, check_latent_factor
 from pgasr.models.dat import DATStage
 
 
@@ -59,7 +59,7 @@ class Decoder(nn.Module):
             ups += [Upsample(c, c_next), ResBlock(c_next, c_next)]
             c = c_next
         self.ups = nn.Sequential(*ups)
-        self.norm_out = group_norm(c)
+        self.norm_out = ChannelNorm(c)
         self.last_layer = nn.Conv2d(c, 1, 3, padding=1)
 
     def forward(self, z_q: torch.Tensor) -> torch.Tensor:

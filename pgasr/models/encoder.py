@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pgasr.models.blocks import Downsample, ResBlock, check_latent_factor, group_norm
+from pgasr.models.blocks import Downsample, ResBlock, ChannelNorm, check_latent_factor
 from pgasr.models.dat import DATStage
 
 
@@ -57,7 +57,7 @@ class Encoder(nn.Module):
         self.downs = nn.ModuleList(
             [Downsample(widths[i]) if i < n_down else nn.Identity() for i in range(3)]
         )
-        self.norm_out = group_norm(c3)
+        self.norm_out = ChannelNorm(c3)
         self.conv_out = nn.Conv2d(c3, n_z, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -371,7 +371,8 @@ def build_stage2(cfg, stage1_model: nn.Module) -> Stage2Model:
     """Stage-2 model from a RunConfig and a trained stage-1 model (possibly DDP-wrapped).
 
     Z, G and Ê are deep-copied from ``stage1_model`` and frozen (``requires_grad_(False)``,
-    eval) before anything can wrap the result in DDP; E and SCAB are freshly initialised.
+    eval) before anything can wrap the result in DDP; SCAB is freshly initialised, and E too
+    unless ``stage2.encoder_init == "stage1"`` (then E starts as a trainable copy of Ê).
     """
     s1 = unwrap(stage1_model)
     if not isinstance(s1, Stage1Model):
@@ -382,13 +383,19 @@ def build_stage2(cfg, stage1_model: nn.Module) -> Stage2Model:
             f"acg {s1.acg} vs {cfg.model.acg}, latent_factor {s1.latent_factor} vs "
             f"{cfg.model.latent_factor}"
         )
-    return Stage2Model(
+    init = cfg.stage2.encoder_init
+    if init not in ("scratch", "stage1"):
+        raise ValueError(f"stage2.encoder_init must be 'scratch' or 'stage1', got {init!r}")
+    model = Stage2Model(
         cfg.model,
         copy.deepcopy(s1.quantizer),
         copy.deepcopy(s1.decoder),
         copy.deepcopy(s1.encoder_hat),
         tau=cfg.stage2.tau,
     )
+    if init == "stage1":  # E starts as a trainable copy of Ê (Ê itself stays frozen)
+        model.encoder.load_state_dict(s1.encoder_hat.state_dict())
+    return model
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
