@@ -56,8 +56,11 @@ def init_ray(address: str | None, cfg: RunConfig | None = None):
         n = (cfg.resources.local_num_cpus if cfg is not None else 0) or max(4, (os.cpu_count() or 2) + 2)
         # address="local": a fresh single-node cluster for this job (use --address auto to join
         # one that is already running on this machine).
-        ray.init(address="local", runtime_env=env, include_dashboard=False, log_to_driver=True,
-                 num_cpus=n)
+        dash = bool(cfg.resources.local_dashboard) if cfg is not None else True
+        ctx = ray.init(address="local", runtime_env=env, include_dashboard=dash,
+                       dashboard_host="127.0.0.1", log_to_driver=True, num_cpus=n)
+        if dash and getattr(ctx, "dashboard_url", None):
+            print(f"Ray dashboard (this machine only): http://{ctx.dashboard_url}", flush=True)
     # Per-operator progress bars from inside train workers flood job logs; keep Ray Data quiet
     # and report progress from the training loop instead.
     ray.data.DataContext.get_current().enable_progress_bars = False

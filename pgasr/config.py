@@ -108,6 +108,11 @@ class ResourcesConfig:
     # Logical CPUs of a local cluster started by a job (0 = max(4, cores + 2)). Ray Data needs
     # CPUs beside the train workers' or the streaming read deadlocks.
     local_num_cpus: int = 0
+    # Start a job's own local cluster with the dashboard (bound to 127.0.0.1; Ray moves it off
+    # 8265 when that port is taken). Ray Train's placement-group cleaner and the state API
+    # need it: without it every Train run logs "State API may be temporarily unavailable"
+    # and placement groups of stopped Tune trials are not released.
+    local_dashboard: bool = True
     gpus_per_prior_actor: float = 0.0
     prior_actors: int = 2
     max_failures: int = 2

@@ -53,3 +53,15 @@ def test_shipped_configs_load(repo_root):
     assert files
     for f in files:
         load_config(f)
+
+
+def test_config_import_does_not_pull_in_torch():
+    """`pgasr.config` is imported by every CLI/driver entry point; torch (+ SAM) costs seconds."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pgasr.config; "
+            "bad = [m for m in ('torch', 'segment_anything', 'ray') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -8,88 +8,32 @@ else to ``tissue`` with a WARNING; ``prior.describe()`` records which one ran an
 
 Stage 1 uses priors of HR slices; stage 2 and inference use priors of ``lr_up``
 (:func:`upsample_bicubic` of the LR slice onto the HR grid).
+
+Attributes other than :class:`PriorConfig` are imported lazily, so that ``pgasr.config``
+(which imports ``pgasr.priors.config``) does not pull in torch and segment_anything.
 """
 
 from __future__ import annotations
 
-import logging
+import importlib
 
-from pgasr.priors.base import (
-    PRIOR_DTYPE,
-    Prior,
-    PriorMismatchError,
-    check_backend_match,
-    sum_normalise,
-    to_uint8_rgb,
-    upsample_bicubic,
-    window,
-)
-from pgasr.priors.cache import CachedPrior, PriorCache, slice_key
 from pgasr.priors.config import PriorConfig
-from pgasr.priors.sam import SAM_CHECKPOINT_ENV, SamPrior, resolve_checkpoint
-from pgasr.priors.tissue import TissuePrior
 
-__all__ = [
-    "PRIORS", "PRIOR_DTYPE", "CachedPrior", "Prior", "PriorCache", "PriorConfig",
-    "PriorMismatchError", "SamPrior", "TissuePrior", "build_prior", "cached_prior",
-    "check_backend_match", "describe_prior", "resolve_backend", "resolve_checkpoint",
-    "slice_key", "sum_normalise", "to_uint8_rgb", "upsample_bicubic", "window",
-]
+_LAZY = {
+    "PRIOR_DTYPE": "base", "Prior": "base", "PriorMismatchError": "base",
+    "check_backend_match": "base", "sum_normalise": "base", "to_uint8_rgb": "base",
+    "upsample_bicubic": "base", "window": "base",
+    "CachedPrior": "cache", "PriorCache": "cache", "slice_key": "cache",
+    "SAM_CHECKPOINT_ENV": "sam", "SamPrior": "sam", "resolve_checkpoint": "sam",
+    "TissuePrior": "tissue",
+    "PRIORS": "registry", "build_prior": "registry", "cached_prior": "registry",
+    "describe_prior": "registry", "resolve_backend": "registry",
+}
 
-log = logging.getLogger("pgasr.priors")
-
-PRIORS: dict[str, type[Prior]] = {"sam": SamPrior, "tissue": TissuePrior}
-
-
-def resolve_backend(cfg: PriorConfig) -> tuple[str, str | None]:
-    """``(backend name, fallback reason or None)`` for a config, without building anything.
-
-    ``auto`` -> ``sam`` when ``prior.sam_checkpoint`` / ``$PGASR_SAM_CHECKPOINT`` is set,
-    else ``tissue`` (reason given). A configured but broken checkpoint is an error at build
-    time, never a silent fallback.
-    """
-    b = cfg.backend
-    if b == "auto":
-        if resolve_checkpoint(cfg):
-            return "sam", None
-        return "tissue", (f"backend 'auto' and no SAM checkpoint configured "
-                          f"(prior.sam_checkpoint / {SAM_CHECKPOINT_ENV})")
-    if b not in PRIORS:
-        raise ValueError(f"prior.backend must be 'auto' or one of {sorted(PRIORS)}, got {b!r}")
-    return b, None
+__all__ = ["PriorConfig", *sorted(_LAZY)]
 
 
-def _announce(reason: str | None) -> None:
-    if reason:
-        log.warning("ANATOMICAL PRIOR FALLBACK: using the embedded 'tissue' backend, not SAM "
-                    "-- %s. Models trained now need the tissue backend at inference; "
-                    "see docs/priors.md to use SAM.", reason)
-
-
-def build_prior(cfg: PriorConfig | None = None) -> Prior:
-    """The prior backend a config asks for (uncached; see :func:`cached_prior`).
-
-    Raises:
-        ValueError / FileNotFoundError: unknown backend, SAM without (valid) weights.
-    """
-    cfg = cfg or PriorConfig()
-    name, reason = resolve_backend(cfg)
-    _announce(reason)
-    return PRIORS[name](cfg, fallback_reason=reason, requested=cfg.backend)
-
-
-def describe_prior(cfg: PriorConfig | None = None) -> dict:
-    """``build_prior(cfg).describe()`` without loading SAM weights (the checkpoint is still
-    verified); the fallback is announced the same way. For drivers and metadata."""
-    cfg = cfg or PriorConfig()
-    name, reason = resolve_backend(cfg)
-    _announce(reason)
-    if name == "sam":
-        return SamPrior.describe_config(cfg, fallback_reason=reason, requested=cfg.backend)
-    return PRIORS[name](cfg, fallback_reason=reason, requested=cfg.backend).describe()
-
-
-def cached_prior(cfg: PriorConfig | None = None) -> CachedPrior:
-    """:func:`build_prior` behind the on-disk cache at ``cfg.cache_dir`` (if ``cfg.cache``)."""
-    cfg = cfg or PriorConfig()
-    return CachedPrior(build_prior(cfg), cfg.cache_dir if cfg.cache else None)
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"pgasr.priors.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'pgasr.priors' has no attribute {name!r}")
