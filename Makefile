@@ -17,7 +17,7 @@ help:
 	@echo "make demo       run the whole pipeline on the embedded synthetic cohort"
 	@echo "make test       the full CPU test suite (what CI runs)"
 	@echo "make test-fast  skip tests marked ray/slow"
-	@echo "make bench      benchmarks -> benchmarks/results (JSON + PNG)"
+	@echo "make bench      paper Tables 1-3 on CPU -> benchmarks/results/bench + docs/results.md"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,5 +49,9 @@ test: $(STAMP) browser
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not ray and not slow" $(PYTEST_ARGS)
 
+# Tables 1-3 + Figs. 1/4 vs the paper (pgasr/report.py): <= 60 min on 2 CPU cores; writes
+# benchmarks/results/bench/{results.json,*.png} and docs/results.md. BENCH_ARGS="--quick" for
+# one seed and three rows; BENCH_ARGS="--render-only" re-renders the Markdown from the JSON.
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) -m pgasr.demo --config configs/bench.yaml --bench
+	$(PY) -m pgasr.report --config configs/bench.yaml $(BENCH_ARGS)

@@ -232,8 +232,19 @@ def _register_client(sub) -> None:
     register(sub)
 
 
+def _register_report(sub) -> None:
+    from pgasr import report
+
+    s = sub.add_parser("report", help="paper Tables 1-3 + Figs. 1/4 (what `make bench` runs)",
+                       description="Train and evaluate the ablation ladder, a residual-CNN "
+                                   "baseline and the stage-1 upper bound; JSON + PNG + "
+                                   "docs/results.md.")
+    report.add_args(s)
+    s.set_defaults(func=report.run)
+
+
 # Modules with their own subcommand groups register them here.
-_EXTRA_COMMANDS: list = [_register_client]
+_EXTRA_COMMANDS: list = [_register_client, _register_report]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -150,6 +150,9 @@ def evaluate(
             "kl_hr_lr": kl_divergence(h_hr, h_lr),
             "usage_hr": float((h_hr > 0).mean()),
             "usage_lr": float((h_lr > 0).mean()),
+            # activation probabilities per code (Fig. 1; the bench report plots HR/x2/x4)
+            "hist_hr": [float(x) for x in h_hr],
+            "hist_lr": [float(x) for x in h_lr],
         },
         "per_subject": per_subject,
     }
