@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from jobs.common import init_ray, job_parser, load, run_job  # noqa: E402
 from pgasr.config import config_to_dict  # noqa: E402
 from pgasr.data import schema  # noqa: E402
+from pgasr.provenance import replace_dir  # noqa: E402
 
 log = logging.getLogger("pgasr.jobs.priors")
 
@@ -213,7 +214,7 @@ def run_priors(cfg, address: str | None = None, force: bool = False,
                         "source_fingerprint": fingerprint, "seconds": time.perf_counter() - t0,
                         "reused": False})
         (tmp / PRIORS_META).write_text(json.dumps(summary, indent=2, default=str))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     st = summary["cache"]
@@ -291,17 +292,6 @@ def _write_shards(ds, root: Path, rows_in: dict[str, int], rows_per_shard: int) 
             "skipped_count": len(skipped), "cache": stats,
             "files": {s: c["files"] for s, c in counts.items()},
             "actors": {"busy_seconds": busy}}
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Put ``new`` at ``out``; an existing ``out`` is moved aside first and removed after."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(new, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def main(args) -> int:

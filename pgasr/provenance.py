@@ -7,7 +7,9 @@ import json
 import os
 import platform
 import subprocess
+import shutil
 import tempfile
+import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -75,3 +77,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_dir(new: str | Path, out: str | Path) -> None:
+    """Put directory ``new`` at ``out``: an existing ``out`` is moved aside first and removed
+    only after the rename, so a crash never leaves ``out`` missing or half-written."""
+    new, out = Path(new), Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    os.replace(new, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -151,6 +151,7 @@ def compute_priors(cfg: RunConfig, log=print) -> Path:
     from pgasr.priors import build_prior
     from pgasr.priors.cache import CachedPrior
     from pgasr.priors.shards import add_prior_columns, to_arrow
+    from pgasr.provenance import replace_dir
 
     prepared = Path(cfg.data.prepared_dir)
     out = schema.priors_dir(prepared)
@@ -192,8 +193,7 @@ def compute_priors(cfg: RunConfig, log=print) -> Path:
         "source_manifest_sha256": man_sha, "rows_out": rows_out, "skipped": skipped,
         "seconds": time.perf_counter() - t0, "writer": "pgasr.report.compute_priors"},
         indent=2, default=str))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
     log(f"priors: {desc['backend']} rows={rows_out} skipped={len(skipped)} "
         f"in {time.perf_counter() - t0:.1f}s -> {out}")
     return out

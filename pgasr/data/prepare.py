@@ -29,7 +29,7 @@ from pgasr.config import RunConfig, config_to_dict, dump_config
 from pgasr.data import schema
 from pgasr.data.degradation import degrade, slice_rng
 from pgasr.data.ixi import canonical, iter_sources, load_nifti_bytes, sha256_bytes
-from pgasr.provenance import atomic_write_text, provenance, sha256_json
+from pgasr.provenance import atomic_write_text, provenance, replace_dir, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -352,15 +352,7 @@ def prepare(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     # Swap into place only now: an existing prepared dir survives any failure above.
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
+    replace_dir(tmp, out)
     return PrepareResult(out, rows=manifest["rows"], subjects=final_split, skipped=skipped)
 
 
