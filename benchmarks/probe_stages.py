@@ -11,6 +11,9 @@ runs made side by side.
     python benchmarks/probe_stages.py stage1 ... --no-vq          # plain autoencoder (no bottleneck)
     python benchmarks/probe_stages.py stage2 --stage1 /tmp/s1.pt --crop 48 \\
         --set stage2.encoder_init=stage1 --steps 300
+    python benchmarks/probe_stages.py cnn --seconds 360   # the residual-CNN yardstick, same val
+
+``--seconds`` stops any probe after that much training wall time (equal-budget comparisons).
 """
 
 from __future__ import annotations
@@ -66,16 +69,18 @@ def _images(rows: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=("stage1", "stage2"))
+    ap.add_argument("stage", choices=("stage1", "stage2", "cnn"))
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--data", help="prepared dir (default: the config's, with priors if present)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--crop", type=int, default=48)
     ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--seconds", type=float, default=0, help="stop after this much wall time")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--norm", choices=("channel", "group", "none"), default="channel")
-    ap.add_argument("--no-vq", action="store_true", help="stage 1 without quantization")
+    ap.add_argument("--no-vq", action="store_true",
+                    help="no quantization (stage 1: plain AE; stage 2: G decodes E's features)")
     ap.add_argument("--stage1", help="stage-1 probe state saved with --save (stage 2)")
     ap.add_argument("--save", help="save the stage-1 probe state here")
     ap.add_argument("--tag", default="")
@@ -96,7 +101,11 @@ def main(argv: list[str] | None = None) -> None:
     if saved:
         s1.load_state_dict(saved["model"])
     train, val = _images(read_split(data, "train")), _images(read_split(data, "val"))
-    if a.stage == "stage1":
+    if a.stage == "cnn":
+        from pgasr.baseline import ResidualCNN, _centre, evaluate_baseline
+        model = ResidualCNN()
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.stage1.lr)
+    elif a.stage == "stage1":
         model = s1
         if a.no_vq:
             _no_vq(model)
@@ -109,21 +118,41 @@ def main(argv: list[str] | None = None) -> None:
         if init == "stage1":  # what build_stage2 does, after the norm swap
             model.encoder.load_state_dict(s1.encoder_hat.state_dict())
         cfg.stage2.encoder_init = init
+        if a.no_vq:  # G decodes E's continuous features: is the discrete bottleneck the brake?
+            _no_vq(model)
         opt = make_stage2_optimizer(cfg, model)
     rng = np.random.default_rng(cfg.seed)
-    n, bs = len(train["hr"]), (cfg.stage1 if a.stage == "stage1" else cfg.stage2).batch_size
+    n, bs = len(train["hr"]), (cfg.stage2 if a.stage == "stage2" else cfg.stage1).batch_size
     t0, dev = time.perf_counter(), torch.device("cpu")
     for step in range(a.steps):
-        rows = random_crop({k: v[rng.integers(0, n, bs)] for k, v in train.items()}, a.crop, rng)
-        if a.stage == "stage1":
+        idx = rng.integers(0, n, bs)  # one draw for all columns: HR, LR and priors stay paired
+        rows = random_crop({k: v[idx] for k, v in train.items()}, a.crop, rng)
+        done = step == a.steps - 1 or (a.seconds and time.perf_counter() - t0 > a.seconds)
+        if a.stage == "cnn":
+            lr_up, hr = _centre(rows, cfg.stage2.scale)
+            loss = torch.nn.functional.l1_loss(model(lr_up), hr)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            m = {"l1": loss.item()}
+        elif a.stage == "stage1":
             m = stage1_update(model, disc, opt_g, opt_d, stage1_batch(rows, cfg.model.acg), cfg, step)
         else:
             m = stage2_update(model, opt, stage2_batch(rows, cfg.stage2.scale, cfg.model.acg), cfg)
-        if (step + 1) % a.every == 0 or step == a.steps - 1:
-            v = (validate_stage1 if a.stage == "stage1" else validate_stage2)(model, val, cfg, dev)
+        if (step + 1) % a.every == 0 or done:
+            if a.stage == "cnn":
+                e = evaluate_baseline(model, val, cfg.stage2.scale)
+                v = {"val_psnr": e["psnr"], "val_ssim": e["ssim"],
+                     "val_bicubic_psnr": e["bicubic_psnr"],
+                     "val_gain_db": e["psnr"] - e["bicubic_psnr"]}
+            else:
+                v = (validate_stage1 if a.stage == "stage1" else validate_stage2)(
+                    model, val, cfg, dev)
             print(json.dumps({"tag": a.tag, "stage": a.stage, "step": step + 1,
                               "s": round(time.perf_counter() - t0, 1), "train_l1": round(m["l1"], 4),
                               **{k: round(x, 3) for k, x in v.items()}}), flush=True)
+        if done:
+            break
     if a.save and a.stage == "stage1":
         torch.save({"model": model.state_dict(), "set": a.set, "norm": norm}, a.save)
 

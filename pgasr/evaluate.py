@@ -26,7 +26,8 @@ from pgasr.data.batches import read_split
 from pgasr.data.prepare import load_manifest
 from pgasr.figures import histogram_figure, panel_figure
 from pgasr.inference import Predictor
-from pgasr.metrics import activation_histogram, kl_divergence, load_lpips, lpips_distance, psnr, ssim
+from pgasr.metrics import (activation_histogram, kl_divergence, load_lpips, lpips_distance,
+                           nanmean, psnr, ssim, ssim_split)
 from pgasr.provenance import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,9 @@ def evaluate(
             "bicubic_ssim": float(ssim(bic, hr_t, dr).mean()),
             "slices": int(len(sel)),
         }
+        for prefix, img in (("", sr_t), ("bicubic_", bic)):  # where SSIM is won or lost
+            head, bg = ssim_split(img, hr_t, dr)
+            m[f"{prefix}ssim_head"], m[f"{prefix}ssim_bg"] = nanmean(head), nanmean(bg)
         d_sr = lpips_distance(lp, sr_t, hr_t, dr)
         d_bi = lpips_distance(lp, bic, hr_t, dr)
         m["lpips"] = None if d_sr is None else float(d_sr.mean())
@@ -145,7 +149,8 @@ def evaluate(
         "conventions": "PSNR/SSIM on whole z-scored slices, data range = subject HR range; "
                        "per-slice -> per-subject mean -> mean +- std over subjects",
         "summary": {k: summarise(per_subject, k) for k in
-                    ("psnr", "ssim", "lpips", "bicubic_psnr", "bicubic_ssim", "bicubic_lpips")},
+                    ("psnr", "ssim", "lpips", "bicubic_psnr", "bicubic_ssim", "bicubic_lpips",
+                     "ssim_head", "ssim_bg", "bicubic_ssim_head", "bicubic_ssim_bg")},
         "codebook": {
             "kl_hr_lr": kl_divergence(h_hr, h_lr),
             "usage_hr": float((h_hr > 0).mean()),

@@ -14,6 +14,10 @@ Conventions (stated once, used everywhere: training validation, ``pgasr evaluate
 * **LPIPS** via the ``lpips`` package. Its backbone (AlexNet/VGG) weights cannot be downloaded
   here; :func:`load_lpips` looks in the torch hub cache and ``PGASR_LPIPS_WEIGHTS`` and, when
   they are missing, reports LPIPS as *unavailable* with a reason — never a fake number.
+* **SSIM head / background** (:func:`ssim_split`): the same SSIM map averaged separately over
+  the head (:func:`head_mask` of the HR slice) and over the background. Whole-slice SSIM on a
+  mostly dark slice is dominated by the background, where a generator's faint artefacts cost
+  far more SSIM than PSNR; the split says which region a change came from.
 """
 
 from __future__ import annotations
@@ -34,10 +38,13 @@ __all__ = [
     "LpipsHandle",
     "activation_histogram",
     "kl_divergence",
+    "nanmean",
     "load_lpips",
     "lpips_distance",
+    "head_mask",
     "psnr",
     "ssim",
+    "ssim_split",
 ]
 
 
@@ -79,6 +86,7 @@ def ssim(
     target: torch.Tensor | np.ndarray,
     data_range: float | torch.Tensor,
     win_size: int = 7,
+    mask: torch.Tensor | np.ndarray | None = None,
 ) -> torch.Tensor:
     """Structural similarity (skimage's default flavour), one value per image.
 
@@ -86,9 +94,11 @@ def ssim(
         pred, target: (H, W), (B, H, W) or (B, 1, H, W); single channel.
         data_range: peak-to-peak range (scalar or (B,) tensor).
         win_size: odd uniform-window size (7 as in skimage).
+        mask: optional boolean image(s) of the same size; the SSIM map is averaged only over
+            window centres inside the mask (NaN for an image whose mask misses the valid region).
 
     Returns:
-        (B,) tensor of mean SSIM over the valid (un-padded) region.
+        (B,) tensor of mean SSIM over the valid (un-padded) region (and the mask).
     """
     p, t = _as_4d(pred).double(), _as_4d(target).double()
     if p.shape != t.shape:
@@ -111,7 +121,47 @@ def ssim(
     vy = cov_norm * (uyy - uy * uy)
     vxy = cov_norm * (uxy - ux * uy)
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
-    return s.flatten(1).mean(1).float()
+    if mask is None:
+        return s.flatten(1).mean(1).float()
+    m = _as_4d(mask).to(s.device) > 0.5
+    if m.shape[-2:] != p.shape[-2:]:
+        raise ValueError(f"mask shape {tuple(m.shape)} does not match the images {tuple(p.shape)}")
+    r = win_size // 2
+    m = m[..., r : m.shape[-2] - r, r : m.shape[-1] - r].expand_as(s)  # window centres
+    n_in = m.flatten(1).sum(1)
+    total = torch.where(m, s, torch.zeros_like(s)).flatten(1).sum(1)
+    return torch.where(n_in > 0, total / n_in.clamp_min(1), torch.full_like(total, float("nan"))).float()
+
+
+def head_mask(hr: torch.Tensor | np.ndarray, threshold: float = 0.1, dilate: int = 7
+              ) -> torch.Tensor:
+    """Head region of HR slices: pixels above ``min + threshold * (max - min)`` of each
+    slice, dilated by a ``dilate`` x ``dilate`` square so the scalp edge counts as head.
+
+    Returns a (B, H, W) bool tensor (all False for a constant slice).
+    """
+    t = _as_4d(hr)[:, :1].double()
+    lo = t.flatten(1).min(1).values.reshape(-1, 1, 1, 1)
+    hi = t.flatten(1).max(1).values.reshape(-1, 1, 1, 1)
+    fg = (t > lo + threshold * (hi - lo)) & (hi > lo)
+    if dilate > 1:
+        fg = F.max_pool2d(fg.float(), dilate, stride=1, padding=dilate // 2) > 0
+    return fg[:, 0]
+
+
+def nanmean(x: torch.Tensor) -> float | None:
+    """Mean over the finite entries (None when there are none): per-region SSIM is NaN for
+    slices without that region."""
+    x = torch.as_tensor(x).double()
+    x = x[torch.isfinite(x)]
+    return float(x.mean()) if x.numel() else None
+
+
+def ssim_split(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray,
+               data_range: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(SSIM inside :func:`head_mask` of ``target``, SSIM outside it), each (B,)."""
+    m = head_mask(target)
+    return ssim(pred, target, data_range, mask=m), ssim(pred, target, data_range, mask=~m)
 
 
 # --------------------------------------------------------------------------- LPIPS

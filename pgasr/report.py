@@ -208,7 +208,7 @@ def score_subjects(rows: dict, manifest: dict, predict, max_slices: int = 0, lp=
     import torch
 
     from pgasr.data import schema
-    from pgasr.metrics import lpips_distance, psnr, ssim
+    from pgasr.metrics import lpips_distance, nanmean, psnr, ssim, ssim_split
 
     out = {}
     for subj in sorted(set(rows[schema.SUBJECT].tolist())):
@@ -222,7 +222,9 @@ def score_subjects(rows: dict, manifest: dict, predict, max_slices: int = 0, lp=
         dr = float(info.get("hr_max", 0) - info.get("hr_min", 0)) or float(hr.max() - hr.min())
         sr = torch.as_tensor(np.asarray(predict(sel), dtype=np.float32))
         d = lpips_distance(lp, sr, hr, dr) if lp is not None else None
+        head, bg = ssim_split(sr, hr, dr)
         out[subj] = {"psnr": float(psnr(sr, hr, dr).mean()), "ssim": float(ssim(sr, hr, dr).mean()),
+                     "ssim_head": nanmean(head), "ssim_bg": nanmean(bg),
                      "lpips": None if d is None else float(d.mean()), "slices": int(len(sel))}
     return out
 
@@ -519,7 +521,7 @@ def build_tables(results: dict) -> dict:
     """Tables 1-3 (aggregated) from the per-run records of ``results['runs']``."""
     runs = results["runs"]
     bench = results["bench"]
-    metrics = ("psnr", "ssim", "lpips")
+    metrics = ("psnr", "ssim", "lpips", "ssim_head", "ssim_bg")
     t1, t2, t3 = {}, {}, {}
     for scale in bench["scales"]:
         s2 = [r for r in runs if r["kind"] == "stage2" and r["scale"] == scale]
@@ -648,19 +650,21 @@ def render_markdown(results: dict, md_path: Path, out_dir: Path) -> str:
     for scale in bench["scales"]:
         paper1 = PAPER["table1"].get(scale, {})
         L += [f"## Table 1 — x{scale}", "",
-              "| method | PSNR ↑ | SSIM ↑ | LPIPS ↓ | train s | paper PSNR | paper SSIM "
-              "| paper LPIPS |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| method | PSNR ↑ | SSIM ↑ | LPIPS ↓ | SSIM head ↑ | SSIM background ↑ | train s "
+              "| paper PSNR | paper SSIM | paper LPIPS |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
         for name, row in _at_scale(t, "table1", scale).items():
             p = paper1.get("PGASR" if name == "PGASR" else name, None)
             ps = " | ".join(f"{v}" for v in p) if p else "— | — | —"
             secs = f"{row['seconds']:.0f}" if row.get("seconds") else "—"
             L.append(f"| {name} | {_f(row['psnr'], 2)} | {_f(row['ssim'], 4)} | "
-                     f"{_f(row['lpips'], 4)} | {secs} | {ps} |")
+                     f"{_f(row['lpips'], 4)} | {_f(row.get('ssim_head'), 4)} | "
+                     f"{_f(row.get('ssim_bg'), 4)} | {secs} | {ps} |")
         if "DAT" in paper1:
-            L.append(f"| (paper's best competitor, DAT) | | | | | "
+            L.append(f"| (paper's best competitor, DAT) | | | | | | | "
                      f"{' | '.join(str(v) for v in paper1['DAT'])} |")
-        L.append("")
+        L += ["", "SSIM head / background: the same SSIM map averaged inside / outside the head "
+              "mask of the HR slice (`pgasr.metrics.ssim_split`).", ""]
     for scale in bench["scales"]:
         paper2 = PAPER["table2"].get(scale, {})
         rows = _at_scale(t, "table2", scale)
@@ -754,6 +758,17 @@ def _discussion(results: dict) -> list[str]:
                       "the codebook (stage 1), not the LR->code matching of stage 2, limits "
                       "PGASR (docs/model.md, latent sweep).")
         L.append(s)
+        sp = {k: (rows.get(name, {}).get(k) or {}).get("mean") for name, k in
+              (("PGASR", "ssim"), ("PGASR", "ssim_head"), ("PGASR", "ssim_bg"))}
+        sb = {k: (rows.get("Bicubic", {}).get(k) or {}).get("mean")
+              for k in ("ssim", "ssim_head", "ssim_bg")}
+        if None not in sp.values() and None not in sb.values():
+            region = max(("ssim_head", "ssim_bg"), key=lambda k: abs(sp[k] - sb[k]))
+            L.append(f"- x{scale} SSIM, PGASR vs bicubic: whole slice {sp['ssim']:.4f} vs "
+                     f"{sb['ssim']:.4f}; inside the head {sp['ssim_head']:.4f} vs "
+                     f"{sb['ssim_head']:.4f}; background {sp['ssim_bg']:.4f} vs "
+                     f"{sb['ssim_bg']:.4f} — the larger difference is in the "
+                     f"{'head' if region == 'ssim_head' else 'background'}.")
         t2 = _at_scale(t, "table2", scale)
         if "exp0" in t2 and "ours" in t2:
             d = t2["ours"]["psnr"]["mean"] - t2["exp0"]["psnr"]["mean"]

@@ -3,7 +3,8 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from pgasr.metrics import activation_histogram, kl_divergence, load_lpips, lpips_distance, psnr, ssim
+from pgasr.metrics import (activation_histogram, head_mask, kl_divergence, load_lpips, lpips_distance,
+                           nanmean, psnr, ssim, ssim_split)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -14,6 +15,43 @@ def test_psnr_ssim_match_skimage(seed):
     dr = float(a.max() - a.min())
     assert float(psnr(b, a, dr)[0]) == pytest.approx(peak_signal_noise_ratio(a, b, data_range=dr), abs=1e-4)
     assert float(ssim(b, a, dr)[0]) == pytest.approx(structural_similarity(a, b, data_range=dr), abs=1e-5)
+
+
+def test_masked_ssim_is_skimage_map_mean_over_mask():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(40, 48)).astype(np.float32)
+    b = (a + rng.normal(scale=0.3, size=a.shape)).astype(np.float32)
+    b[:, 30:] += rng.normal(scale=1.0, size=(40, 18)).astype(np.float32)  # worse on the right
+    dr = float(a.max() - a.min())
+    _, smap = structural_similarity(a, b, data_range=dr, full=True)
+    mask = np.zeros(a.shape, bool)
+    mask[:, :24] = True
+    valid = (slice(3, -3), slice(3, -3))  # skimage averages the map over this region
+    want_in = smap[valid][mask[valid]].mean()
+    want_out = smap[valid][~mask[valid]].mean()
+    assert float(ssim(b, a, dr, mask=mask)[0]) == pytest.approx(want_in, abs=1e-5)
+    assert float(ssim(b, a, dr, mask=~mask)[0]) == pytest.approx(want_out, abs=1e-5)
+    assert float(ssim(b, a, dr, mask=np.ones_like(mask))[0]) == pytest.approx(
+        float(ssim(b, a, dr)[0]), abs=1e-6)
+    assert np.isnan(float(ssim(b, a, dr, mask=np.zeros_like(mask))[0]))  # no window centre
+    with pytest.raises(ValueError, match="mask shape"):
+        ssim(b, a, dr, mask=mask[:-1])
+
+
+def test_ssim_split_puts_background_artefacts_in_the_background():
+    yy, xx = np.mgrid[:64, :64]
+    head = ((yy - 32) ** 2 + (xx - 32) ** 2 < 20**2).astype(np.float32)
+    rng = np.random.default_rng(1)
+    hr = torch.from_numpy(head * (2 + 0.3 * rng.normal(size=head.shape)).astype(np.float32))
+    m = head_mask(hr)
+    assert m.shape == (1, 64, 64) and bool(m[0, 32, 32]) and not bool(m[0, 0, 0])
+    assert bool(m[0, 32, 32 + 21])  # dilated past the edge
+    bad_bg = hr + torch.from_numpy((1 - head) * 0.4 * rng.normal(size=head.shape).astype(np.float32))
+    dr = float(hr.max() - hr.min())
+    h, b = ssim_split(bad_bg, hr, dr)
+    assert float(h[0]) > 0.9 > float(b[0])  # the head is nearly intact, the background is not
+    assert nanmean(torch.tensor([float("nan"), 1.0, 3.0])) == pytest.approx(2.0)
+    assert nanmean(torch.tensor([float("nan")])) is None
 
 
 def test_known_pair():

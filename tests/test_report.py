@@ -63,6 +63,8 @@ def test_report_end_to_end_tiny(tmp_path):
     assert set(t1) == {"Bicubic", "Residual CNN (same budget)",
                        "Stage-1 reconstruction (upper bound)", "PGASR"}
     assert t1["PGASR"]["psnr"]["mean"] is not None
+    for name in t1:  # every Table-1 row splits SSIM into head and background
+        assert 0 < t1[name]["ssim_head"]["mean"] <= 1 and 0 < t1[name]["ssim_bg"]["mean"] <= 1
     assert set(res["tables"]["table3"]["2"]) == {"with", "without"}
     for png in ("fig1_codes.png", "fig4_x2.png"):
         assert (out / png).stat().st_size > 1000, png
@@ -73,7 +75,7 @@ def test_report_end_to_end_tiny(tmp_path):
                  "| Stage-1 reconstruction (upper bound) |", "| PGASR |", "36.7642",
                  "## Table 2 — ablation ladder, x2", "| Exp 0 |", "| Ours (+SCAB) |",
                  "## Table 3", "w/o L_align_d", "fig1_codes.png", "fig4_x2.png",
-                 "## Discussion", "### serve"):
+                 "## Discussion", "### serve", "SSIM background", "inside the head"):
         assert text in md, text
     # the Markdown is a pure function of results.json
     assert render_markdown(res, tmp_path / "results.md", out) == md
