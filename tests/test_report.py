@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from pgasr.config import ConfigError, load_config
-from pgasr.report import LADDER, load_bench_config, main, render_markdown
+from pgasr.report import (LADDER, build_tables, ladder_steps, load_bench_config, main,
+                          render_markdown)
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "configs" / "bench.yaml"
@@ -79,6 +80,43 @@ def test_report_end_to_end_tiny(tmp_path):
         assert text in md, text
     # the Markdown is a pure function of results.json
     assert render_markdown(res, tmp_path / "results.md", out) == md
+    # --render-only re-derives the tables from the per-run records (older JSON lacks newer ones)
+    del res["tables"]["ladder_steps"]
+    (out / "results.json").write_text(json.dumps(res))
+    assert main(["--config", str(BENCH), "--render-only", *sets]) == 0
+    assert "ladder_steps" in json.loads((out / "results.json").read_text())["tables"]
+    assert "One change at a time, x2" in (tmp_path / "results.md").read_text()
+
+
+def _run(row, seed, psnr_by_subject):
+    return {"kind": "stage2", "scale": 2, "row": row, "seed": seed, "seconds": 1.0,
+            "per_subject": {s: {"psnr": v} for s, v in psnr_by_subject.items()}}
+
+
+def test_ladder_steps_pair_by_seed_and_judge_against_the_seed_spread():
+    runs = []
+    for seed, noise in enumerate((0.0, 0.8, -0.8)):  # seed effects far larger than the steps
+        base = 20.0 + noise
+        runs += [_run("exp0", seed, {"a": base, "b": base + 1}),
+                 _run("exp1", seed, {"a": base + 0.3, "b": base + 1.3}),    # +0.3 every seed
+                 _run("exp2", seed, {"a": base + 0.3 + (0.2, -0.1, 0.05)[seed],
+                                     "b": base + 1.3})]                     # mixed signs
+    steps = {(s["from"], s["to"]): s for s in ladder_steps(runs, 2)}
+    assert set(steps) == {("exp0", "exp1"), ("exp1", "exp2")}  # only steps with both rows
+    up = steps[("exp0", "exp1")]
+    assert up["per_seed"] == pytest.approx([0.3] * 3) and up["std"] == pytest.approx(0, abs=1e-9)
+    assert up["verdict"] == "helps" and up["paper"] == pytest.approx(35.942 - 34.487)
+    mixed = steps[("exp1", "exp2")]
+    assert mixed["per_seed"] == pytest.approx([0.1, -0.05, 0.025])
+    assert mixed["verdict"] == "within seed spread"
+    # the same +0.3 step, reversed, hurts; with one seed there is no spread to judge by
+    flipped = [dict(r, row={"exp0": "exp1", "exp1": "exp0"}.get(r["row"], r["row"])) for r in runs]
+    assert {s["to"]: s["verdict"] for s in ladder_steps(flipped, 2)}["exp1"] == "hurts"
+    one = ladder_steps([r for r in runs if r["seed"] == 0], 2)
+    assert {s["verdict"] for s in one} == {"one seed: no spread to judge by"}
+    # build_tables carries the steps per scale
+    tables = build_tables({"runs": runs, "bench": {"scales": [2]}})
+    assert [s["to"] for s in tables["ladder_steps"][2]] == ["exp1", "exp2"]
 
 
 def test_cli_report_subcommand_help():
