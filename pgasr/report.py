@@ -21,6 +21,7 @@ Aggregation: per slice -> per subject (data range = the subject's HR range, as
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -38,7 +39,8 @@ from pgasr.config import ConfigError, RunConfig, apply_overrides, config_from_di
 
 ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["BenchConfig", "LADDER", "load_bench_config", "run_bench", "render_markdown", "main"]
+__all__ = ["BenchConfig", "LADDER", "load_bench_config", "run_bench", "serial_map", "render_markdown",
+           "main"]
 
 
 @dataclass
@@ -285,23 +287,157 @@ def _train(stage, cfg, data, out_dir, stage1=None):
     return time.perf_counter() - t0, res
 
 
-def run_bench(cfg: RunConfig, bench: BenchConfig, log=print) -> dict:
-    """Train and evaluate everything; returns (and writes) the results dict."""
+# --- units of work: plain top-level functions of picklable arguments, so `pgasr report` runs
+# them in this process and jobs/bench.py as Ray tasks (one GPU each) with the same code.
+
+
+def _stamp(data: str) -> tuple[int, int]:
+    """Identity of a prepared directory's current contents (its manifest's mtime and size):
+    part of the cache keys below, so a re-prepared directory is never served stale rows."""
+    from pgasr.data.schema import MANIFEST
+
+    st = (Path(data) / MANIFEST).stat()
+    return st.st_mtime_ns, st.st_size
+
+
+@functools.lru_cache(maxsize=4)
+def _split_cached(data: str, stamp, split: str, cols: tuple[str, ...] | None) -> dict:
+    from pgasr.data.batches import read_split
+
+    return read_split(data, split, list(cols) if cols else None)
+
+
+def _split(data: str, split: str, cols: tuple[str, ...] | None = None) -> dict:
+    """``read_split`` once per process and prepared-directory state (units share it)."""
+    return _split_cached(data, _stamp(data), split, cols)
+
+
+@functools.lru_cache(maxsize=2)
+def _manifest_cached(data: str, stamp) -> dict:
+    from pgasr.data.prepare import load_manifest
+
+    return load_manifest(data)
+
+
+def _manifest(data: str) -> dict:
+    return _manifest_cached(data, _stamp(data))
+
+
+@functools.lru_cache(maxsize=1)
+def _lpips():
+    from pgasr.metrics import load_lpips
+
+    return load_lpips("alex")
+
+
+def _worker() -> str:
+    """Where a unit ran (host:pid): the driver's own pid under `pgasr report`, Ray workers'
+    under jobs/bench.py."""
+    return f"{platform.node()}:{os.getpid()}"
+
+
+def _threads(cfg: RunConfig) -> None:
     import torch
 
+    torch.set_num_threads(max(1, int(cfg.resources.torch_threads or 1)))
+
+
+def bench_stage1_unit(cfg: RunConfig, bench: BenchConfig, data: str, runs_dir: str, seed: int,
+                      acg: bool) -> dict:
+    """Train one stage-1 model (ACG on/off) for one seed and score its HR reconstruction."""
+    _threads(cfg)
+    c1 = _variant(cfg, f"seed={seed}", f"model.acg={str(acg).lower()}")
+    d = Path(runs_dir) / f"seed{seed}" / f"stage1_acg{int(acg)}"
+    secs, res = _train(1, c1, data, d / "ckpt")
+    test = _split(data, "test")
+    ps = score_subjects(test, _manifest(data), _stage1_predict(d / "ckpt", test),
+                        bench.eval_max_slices, _lpips())
+    return {"kind": "stage1", "seed": seed, "acg": acg, "seconds": secs, "steps": res.steps,
+            "val": res.metrics, "per_subject": ps, "ckpt": str(d / "ckpt"), "worker": _worker(),
+            "log": f"seed {seed} stage 1 ACG={'on' if acg else 'off'}: {secs:.0f}s recon PSNR "
+                   f"{np.mean([v['psnr'] for v in ps.values()]):.2f} dB"}
+
+
+def bench_stage2_unit(cfg: RunConfig, bench: BenchConfig, data: str, runs_dir: str, seed: int,
+                      scale: int, key: str, stage1_ckpt: str, stage1_seconds: float) -> dict:
+    """Train and evaluate one ablation-ladder row at one scale for one seed."""
+    from pgasr.evaluate import evaluate
+
+    _threads(cfg)
+    _, label, acg, align_d, align_s, scab = next(r for r in LADDER if r[0] == key)
+    sets = [f"model.acg={str(acg).lower()}", f"model.scab={str(scab).lower()}",
+            f"stage2.align_d={str(align_d).lower()}", f"stage2.align_s={str(align_s).lower()}",
+            f"stage2.scale={scale}"]
+    c2 = _variant(cfg, f"seed={seed}", *sets)
+    d = Path(runs_dir) / f"seed{seed}" / f"x{scale}" / key
+    secs, res = _train(2, c2, data, d / "ckpt", stage1=stage1_ckpt)
+    ev = evaluate(d / "ckpt", data, scale, d / "eval",
+                  max_slices_per_subject=bench.eval_max_slices or None,
+                  n_figures=bench.figure_slices)
+    cb = ev["codebook"]
+    return {
+        "kind": "stage2", "seed": seed, "scale": scale, "row": key, "label": label,
+        "overrides": sets, "seconds": secs, "stage1_seconds": stage1_seconds,
+        "steps": res.steps, "val": res.metrics, "prior": ev["prior"],
+        "lpips": ev["lpips"], "summary": ev["summary"], "per_subject": ev["per_subject"],
+        "worker": _worker(),
+        "codebook": {k: v for k, v in cb.items() if not k.startswith("hist")},
+        "codebook_hist": {"hr": cb.get("hist_hr"), "lr": cb.get("hist_lr")}
+        if seed == bench.seeds[0] else None,
+        "log": f"seed {seed} x{scale} {label}: {secs:.0f}s PSNR "
+               f"{ev['summary']['psnr']['mean']:.2f} dB (bicubic "
+               f"{ev['summary']['bicubic_psnr']['mean']:.2f}), KL {cb['kl_hr_lr']:.4f}",
+    }
+
+
+def bench_cnn_unit(cfg: RunConfig, bench: BenchConfig, data: str, runs_dir: str, seed: int,
+                   scale: int, budget: float) -> dict:
+    """The residual CNN at PGASR's wall-time budget; the first seed also yields Fig. 4 rows."""
     from pgasr.baseline import train_baseline
     from pgasr.data import schema
-    from pgasr.data.batches import read_split
-    from pgasr.data.prepare import load_manifest, prepare
-    from pgasr.evaluate import evaluate
-    from pgasr.figures import histogram_figure, panel_figure
     from pgasr.inference import Predictor
-    from pgasr.metrics import load_lpips
+
+    _threads(cfg)
+    cols = (schema.HR, *(schema.lr_column(s) for s in bench.scales))
+    cnn, info = train_baseline(_split(data, "train", cols), scale, seconds=budget,
+                               epochs=10**6, seed=seed)
+    cnn.eval()
+    test = _split(data, "test")
+    ps = score_subjects(test, _manifest(data), _cnn_predict(cnn, test, scale),
+                        bench.eval_max_slices, _lpips())
+    fig4 = (_fig4_rows(test, scale, cnn, Path(runs_dir) / f"seed{seed}" / f"x{scale}", bench,
+                       Predictor) if seed == bench.seeds[0] else None)
+    return {"kind": "cnn", "seed": seed, "scale": scale, "budget_seconds": budget,
+            "seconds": info["seconds"], "steps": info["steps"], "per_subject": ps,
+            "fig4": fig4, "worker": _worker(),
+            "log": f"seed {seed} x{scale} residual CNN: {info['seconds']:.0f}s PSNR "
+                   f"{np.mean([v['psnr'] for v in ps.values()]):.2f} dB"}
+
+
+def serial_map(fn, argsets: list[tuple], on_done) -> list:
+    """``[fn(*a) for a in argsets]``, calling ``on_done(result)`` after each (jobs/bench.py
+    passes a Ray version with the same contract)."""
+    out = []
+    for a in argsets:
+        out.append(fn(*a))
+        on_done(out[-1])
+    return out
+
+
+def run_bench(cfg: RunConfig, bench: BenchConfig, log=print, map_fn=serial_map) -> dict:
+    """Train and evaluate everything; returns (and writes) the results dict.
+
+    Three barriers: all stage-1 models, then every ladder row at every scale, then the
+    residual CNNs (whose budget is the matching PGASR run's wall time). ``map_fn`` runs each
+    phase's units: in this process by default, as Ray tasks from ``jobs/bench.py``.
+    """
+    from pgasr.data.prepare import prepare
+    from pgasr.figures import histogram_figure, panel_figure
 
     out = Path(bench.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs_dir = Path(cfg.run_dir)  # checkpoints + per-run eval outputs (not in the report dir)
-    torch.set_num_threads(max(1, int(cfg.resources.torch_threads or 1)))
+    runs_dir = str(Path(cfg.run_dir).resolve())  # checkpoints + per-run eval outputs
+    _threads(cfg)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -309,104 +445,68 @@ def run_bench(cfg: RunConfig, bench: BenchConfig, log=print) -> dict:
     log(f"== prepare ({cfg.data.source}) -> {cfg.data.prepared_dir}")
     prepare(cfg, progress=False)
     data = compute_priors(cfg, log) if any(r != "exp0" for r in bench.rows) else None
-    data = data or Path(cfg.data.prepared_dir)
+    data = str(Path(data or cfg.data.prepared_dir).resolve())
     timings["prepare+priors"] = time.perf_counter() - t0
-    manifest = load_manifest(data)
-    test = read_split(data, "test")
-    train_cols = [schema.HR, *(schema.lr_column(s) for s in bench.scales)]
-    train_rows = read_split(data, "train", train_cols)
-    lp = load_lpips("alex")
 
-    need_noacg = any(not acg for k, _, acg, *_ in LADDER if k in bench.rows)
-    need_acg = any(acg for k, _, acg, *_ in LADDER if k in bench.rows)
-    runs: list[dict] = []
-    hists: dict[int, dict] = {}
-    fig4: dict[int, list] = {}
-    n_total = len(bench.seeds) * (need_acg + need_noacg + len(bench.scales) * (len(bench.rows) + 1))
+    acgs = sorted({acg for k, _, acg, *_ in LADDER if k in bench.rows}, reverse=True)
+    rows = [k for k, *_ in LADDER if k in bench.rows]
+    n_total = len(bench.seeds) * (len(acgs) + len(bench.scales) * (len(rows) + 1))
     done = 0
 
-    def tick(what: str, seconds: float, extra: str = "") -> None:
+    def tick(rec: dict) -> None:
         nonlocal done
         done += 1
-        el = time.perf_counter() - t_start
-        log(f"[{done}/{n_total}] {what}: {seconds:.0f}s {extra} (elapsed {el / 60:.1f} min)")
+        log(f"[{done}/{n_total}] {rec.pop('log')} "
+            f"(elapsed {(time.perf_counter() - t_start) / 60:.1f} min)")
 
-    for seed in bench.seeds:
-        base = _variant(cfg, f"seed={seed}")
-        s1 = {}
-        for acg in ([True] if need_acg else []) + ([False] if need_noacg else []):
-            c1 = _variant(base, f"model.acg={str(acg).lower()}")
-            d = runs_dir / f"seed{seed}" / f"stage1_acg{int(acg)}"
-            secs, res = _train(1, c1, data, d / "ckpt")
-            s1[acg] = (d / "ckpt", secs)
-            ps = score_subjects(test, manifest, _stage1_predict(d / "ckpt", test),
-                                bench.eval_max_slices, lp)
-            runs.append({"kind": "stage1", "seed": seed, "acg": acg, "seconds": secs,
-                         "steps": res.steps, "val": res.metrics, "per_subject": ps})
-            tick(f"seed {seed} stage 1 ACG={'on' if acg else 'off'}", secs,
-                 f"recon PSNR {np.mean([v['psnr'] for v in ps.values()]):.2f} dB")
-        for scale in bench.scales:
-            full_secs = None
-            for key, label, acg, align_d, align_s, scab in LADDER:
-                if key not in bench.rows:
-                    continue
-                sets = [f"model.acg={str(acg).lower()}", f"model.scab={str(scab).lower()}",
-                        f"stage2.align_d={str(align_d).lower()}",
-                        f"stage2.align_s={str(align_s).lower()}", f"stage2.scale={scale}"]
-                c2 = _variant(base, *sets)
-                d = runs_dir / f"seed{seed}" / f"x{scale}" / key
-                secs, res = _train(2, c2, data, d / "ckpt", stage1=s1[acg][0])
-                ev = evaluate(d / "ckpt", data, scale, d / "eval",
-                              max_slices_per_subject=bench.eval_max_slices or None,
-                              n_figures=bench.figure_slices)
-                cb = ev["codebook"]
-                hists.setdefault(scale, {})[key] = (cb.get("hist_hr"), cb.get("hist_lr"))
-                runs.append({
-                    "kind": "stage2", "seed": seed, "scale": scale, "row": key, "label": label,
-                    "overrides": sets, "seconds": secs, "stage1_seconds": s1[acg][1],
-                    "steps": res.steps, "val": res.metrics, "prior": ev["prior"],
-                    "lpips": ev["lpips"], "summary": ev["summary"],
-                    "per_subject": ev["per_subject"],
-                    "codebook": {k: v for k, v in cb.items() if not k.startswith("hist")},
-                    "codebook_hist": {"hr": cb.get("hist_hr"), "lr": cb.get("hist_lr")}
-                    if seed == bench.seeds[0] else None,
-                })
-                if key == "ours" or (full_secs is None and key == bench.rows[-1]):
-                    full_secs = secs + s1[acg][1]
-                tick(f"seed {seed} x{scale} {label}", secs,
-                     f"PSNR {ev['summary']['psnr']['mean']:.2f} dB (bicubic "
-                     f"{ev['summary']['bicubic_psnr']['mean']:.2f}), KL {cb['kl_hr_lr']:.4f}")
-            # residual CNN at PGASR's budget (wall time of stage 1 + stage 2 of the full row)
-            budget = min(full_secs or bench.baseline_max_seconds, bench.baseline_max_seconds)
-            cnn, info = train_baseline(train_rows, scale, seconds=budget, epochs=10**6,
-                                       seed=seed)
-            cnn.eval()
-            ps = score_subjects(test, manifest, _cnn_predict(cnn, test, scale),
-                                bench.eval_max_slices, lp)
-            runs.append({"kind": "cnn", "seed": seed, "scale": scale, "budget_seconds": budget,
-                         "seconds": info["seconds"], "steps": info["steps"], "per_subject": ps})
-            tick(f"seed {seed} x{scale} residual CNN", info["seconds"],
-                 f"PSNR {np.mean([v['psnr'] for v in ps.values()]):.2f} dB")
-            if seed == bench.seeds[0]:
-                fig4[scale] = _fig4_rows(test, scale, cnn, runs_dir / f"seed{seed}" / f"x{scale}",
-                                         bench, Predictor)
+    t0 = time.perf_counter()
+    s1 = {(r["seed"], r["acg"]): r for r in map_fn(
+        bench_stage1_unit, [(cfg, bench, data, runs_dir, seed, acg)
+                            for seed in bench.seeds for acg in acgs], tick)}
+    timings["stage1"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    acg_of = {k: acg for k, _, acg, *_ in LADDER}
+    s2 = map_fn(bench_stage2_unit, [
+        (cfg, bench, data, runs_dir, seed, scale, key, s1[(seed, acg_of[key])]["ckpt"],
+         s1[(seed, acg_of[key])]["seconds"])
+        for seed in bench.seeds for scale in bench.scales for key in rows], tick)
+    timings["stage2"] = time.perf_counter() - t0
+    # residual CNN at PGASR's budget: stage 1 + stage 2 wall time of the full row (or the
+    # last ladder row run), capped
+    budgets = {}
+    for r in s2:
+        if r["row"] == ("ours" if "ours" in rows else rows[-1]):
+            budgets[(r["seed"], r["scale"])] = r["seconds"] + r["stage1_seconds"]
+    t0 = time.perf_counter()
+    cnn = map_fn(bench_cnn_unit, [
+        (cfg, bench, data, runs_dir, seed, scale,
+         min(budgets.get((seed, scale), bench.baseline_max_seconds), bench.baseline_max_seconds))
+        for seed in bench.seeds for scale in bench.scales], tick)
+    timings["cnn"] = time.perf_counter() - t0
+    fig4 = {r["scale"]: r.pop("fig4") for r in cnn if r.get("fig4") is not None}
+    for r in cnn:
+        r.pop("fig4", None)
+    # checkpoint paths are this machine's: they stay out of results.json
+    runs = [{k: v for k, v in r.items() if k != "ckpt"} for r in s1.values()] + [*s2, *cnn]
 
-    # ---- figures
+    # ---- figures (the first seed's runs)
+    hists = {(r["scale"], r["row"]): (r["codebook_hist"]["hr"], r["codebook_hist"]["lr"])
+             for r in s2 if r["seed"] == bench.seeds[0] and r.get("codebook_hist")}
     figures = {}
-    for scale, rows in fig4.items():
-        if rows:
+    for scale, fig_rows in sorted(fig4.items()):
+        if fig_rows:
             png = out / f"fig4_x{scale}.png"
-            panel_figure([r for r, _ in rows], png, reference="hr", error_of="pgasr",
-                         scores=[s for _, s in rows],
+            panel_figure([r for r, _ in fig_rows], png, reference="hr", error_of="pgasr",
+                         scores=[s for _, s in fig_rows],
                          titles={"lr": f"LR x{scale}", "bicubic": "bicubic",
                                  "cnn": "residual CNN", "pgasr": "PGASR", "hr": "HR"},
                          suptitle=f"x{scale}, seed {bench.seeds[0]}: test slices, PSNR per "
                                   f"slice; error map |PGASR - HR|")
             figures[f"fig4_x{scale}"] = png.name
-    key = "ours" if "ours" in bench.rows else bench.rows[-1]
+    key = "ours" if "ours" in rows else rows[-1]
     series = {}
     for scale in bench.scales:
-        h = hists.get(scale, {}).get(key)
+        h = hists.get((scale, key))
         if h and h[0] is not None:
             series.setdefault("HR (Ê)", np.asarray(h[0]))
             series[f"LR x{scale} (E)"] = np.asarray(h[1])
@@ -417,7 +517,7 @@ def run_bench(cfg: RunConfig, bench: BenchConfig, log=print) -> dict:
         figures["fig1_codes"] = png.name
     for kl_key in (KL_WITHOUT, KL_WITH):
         for scale in bench.scales:
-            h = hists.get(scale, {}).get(kl_key)
+            h = hists.get((scale, kl_key))
             if h and h[0] is not None:
                 png = out / f"codes_{kl_key}_x{scale}.png"
                 histogram_figure({"HR (Ê)": np.asarray(h[0]), f"LR x{scale}": np.asarray(h[1])},
@@ -433,8 +533,8 @@ def run_bench(cfg: RunConfig, bench: BenchConfig, log=print) -> dict:
         "timings": timings,
         "runs": runs,
         "figures": figures,
-        "prior": (json.loads((data / "priors.json").read_text()).get("prior")
-                  if (data / "priors.json").is_file() else {"backend": None}),
+        "prior": (json.loads((Path(data) / "priors.json").read_text()).get("prior")
+                  if (Path(data) / "priors.json").is_file() else {"backend": None}),
         "collected": collect_benchmarks(bench),
     }
     results["tables"] = build_tables(results)
@@ -886,7 +986,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="re-render the Markdown from an existing results.json")
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, map_fn=serial_map) -> dict:
+    """``pgasr report`` / ``make bench``; jobs/bench.py passes a Ray ``map_fn``."""
     cfg, bench = load_bench_config(args.config, args.overrides)
     if args.out:
         bench.out_dir = args.out
@@ -912,7 +1013,7 @@ def run(args: argparse.Namespace) -> dict:
         tmp.write_text(json.dumps(results, indent=1, default=_json_default))
         tmp.replace(src)
     else:
-        results = run_bench(cfg, bench)
+        results = run_bench(cfg, bench, map_fn=map_fn)
     md = Path(bench.report)
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(render_markdown(results, md, out))

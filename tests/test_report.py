@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -80,6 +82,8 @@ def test_report_end_to_end_tiny(tmp_path):
         assert text in md, text
     # the Markdown is a pure function of results.json
     assert render_markdown(res, tmp_path / "results.md", out) == md
+    assert all(r["worker"].endswith(f":{os.getpid()}") for r in res["runs"])  # in process
+    assert not any("ckpt" in r for r in res["runs"])  # no machine-local paths in the JSON
     # --render-only re-derives the tables from the per-run records (older JSON lacks newer ones)
     del res["tables"]["ladder_steps"]
     (out / "results.json").write_text(json.dumps(res))
@@ -126,3 +130,36 @@ def test_cli_report_subcommand_help():
     r = subprocess.run([sys.executable, "-m", "pgasr.cli", "report", "--help"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--render-only" in r.stdout and "--quick" in r.stdout
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_bench_job_runs_every_unit_as_a_ray_task(ray_session, tmp_path):
+    """jobs/bench.py: the same bench, each training run a Ray task, results in the same JSON."""
+    from jobs.bench import build_parser, main as job_main
+
+    sets = tiny_overrides(tmp_path) + ["bench.seeds=[0,1]", "bench.rows=[exp0,ours]"]
+    args = build_parser().parse_args(["--config", str(BENCH),
+                                      *[a for o in sets for a in ("--set", o)]])
+    assert job_main(args) == 0
+
+    out = tmp_path / "bench"
+    res = json.loads((out / "results.json").read_text())
+    got = sorted((r["kind"], r["seed"], r.get("row") or r.get("acg"), r.get("scale"))
+                 for r in res["runs"])
+    want = sorted([("stage1", s, acg, None) for s in (0, 1) for acg in (True, False)]
+                  + [("stage2", s, row, 2) for s in (0, 1) for row in ("exp0", "ours")]
+                  + [("cnn", s, None, 2) for s in (0, 1)])
+    assert got == want
+    hosts = {r["worker"].rsplit(":", 1)[0] for r in res["runs"]}
+    pids = {r["worker"].rsplit(":", 1)[1] for r in res["runs"]}
+    assert hosts == {platform.node()} and str(os.getpid()) not in pids  # ran in Ray workers
+    for s in (0, 1):
+        for d in ("stage1_acg0", "stage1_acg1", "x2/exp0", "x2/ours"):
+            assert (tmp_path / "runs" / f"seed{s}" / d / "ckpt").is_dir(), (s, d)
+    t2 = res["tables"]["table2"]["2"]
+    assert set(t2) == {"exp0", "ours"} and t2["ours"]["psnr"]["seeds"] == 2
+    assert res["tables"]["table1"]["2"]["PGASR"]["psnr"]["mean"] is not None
+    assert (out / "fig4_x2.png").stat().st_size > 1000  # Fig. 4 rows came back from a task
+    assert "## Table 1" in (tmp_path / "results.md").read_text()
