@@ -5,8 +5,8 @@
         --set data.prepared_dir=/shared/ixi/prepared --set run_dir=/shared/runs/paper \\
         --set bench.out_dir=/shared/bench/paper --set bench.report=/shared/bench/paper.md
 
-The same code as ``pgasr report`` (pgasr/report.py): prepare + priors in the driver, then
-every training run as a Ray task (``resources.cpus_per_worker`` CPUs, one GPU each when
+The same code as ``pgasr report`` (pgasr/report.py): prepare in the driver, priors through
+the priors job (actor pool), then every training run as a Ray task (``resources.cpus_per_worker`` CPUs, one GPU each when
 ``resources.use_gpu``): all stage-1 models in parallel, then every ablation-ladder row at
 every scale for every seed, then the residual CNNs. Paths must be on storage every node
 sees. Takes the same options as ``pgasr report`` plus ``--address``.
@@ -40,6 +40,16 @@ def ray_map(ray, num_cpus: float, num_gpus: float):
     return map_fn
 
 
+def ray_priors(cfg, log=print) -> Path:
+    """Prior columns through the priors job (Ray Data + actor pool, GPU actors when
+    ``resources.gpus_per_prior_actor``), not in the driver: SAM over every slice of IXI."""
+    from jobs.priors import run_priors
+    from pgasr.data import schema
+
+    run_priors(cfg)
+    return schema.priors_dir(Path(cfg.data.prepared_dir).expanduser().resolve())
+
+
 def main(args) -> int:
     from pgasr.report import load_bench_config, run
 
@@ -49,7 +59,8 @@ def main(args) -> int:
         return 0
     ray = init_ray(args.address, cfg)
     r = cfg.resources
-    run(args, map_fn=ray_map(ray, r.cpus_per_worker, 1 if r.use_gpu else 0))
+    run(args, map_fn=ray_map(ray, r.cpus_per_worker, 1 if r.use_gpu else 0),
+        priors_fn=ray_priors)
     return 0
 
 

@@ -424,12 +424,15 @@ def serial_map(fn, argsets: list[tuple], on_done) -> list:
     return out
 
 
-def run_bench(cfg: RunConfig, bench: BenchConfig, log=print, map_fn=serial_map) -> dict:
+def run_bench(cfg: RunConfig, bench: BenchConfig, log=print, map_fn=serial_map,
+              priors_fn=None) -> dict:
     """Train and evaluate everything; returns (and writes) the results dict.
 
     Three barriers: all stage-1 models, then every ladder row at every scale, then the
     residual CNNs (whose budget is the matching PGASR run's wall time). ``map_fn`` runs each
     phase's units: in this process by default, as Ray tasks from ``jobs/bench.py``.
+    ``priors_fn(cfg, log) -> Path`` computes the prior columns (default
+    :func:`compute_priors`, in this process; jobs/bench.py uses the Ray actor-pool job).
     """
     from pgasr.data.prepare import prepare
     from pgasr.figures import histogram_figure, panel_figure
@@ -444,7 +447,8 @@ def run_bench(cfg: RunConfig, bench: BenchConfig, log=print, map_fn=serial_map) 
     t0 = time.perf_counter()
     log(f"== prepare ({cfg.data.source}) -> {cfg.data.prepared_dir}")
     prepare(cfg, progress=False)
-    data = compute_priors(cfg, log) if any(r != "exp0" for r in bench.rows) else None
+    data = ((priors_fn or compute_priors)(cfg, log) if any(r != "exp0" for r in bench.rows)
+            else None)
     data = str(Path(data or cfg.data.prepared_dir).resolve())
     timings["prepare+priors"] = time.perf_counter() - t0
 
@@ -777,7 +781,9 @@ def render_markdown(results: dict, md_path: Path, out_dir: Path) -> str:
         "**Paper's setting**: IXI T2, 300 train / 176 test subjects, 80 slices of 256x256, "
         "SAM priors, GPU training (epochs not stated), mean of 3 runs. Paper numbers below are "
         "copied from its Tables 1-3 and are *not* comparable in absolute value: different "
-        "data, resolution, model width and a budget orders of magnitude larger.",
+        "data, resolution, model width and a budget orders of magnitude larger. The paper "
+        "budget runs on a GPU cluster with the same code: `jobs/bench.py --config "
+        "configs/paper.yaml` (docs/cluster.md).",
         "",
         "Ours: per slice -> per subject (data range = the subject's HR range, whole slice) -> "
         f"averaged over {len(seeds)} seed(s) -> mean ± std over test subjects. LPIPS: "
@@ -986,7 +992,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="re-render the Markdown from an existing results.json")
 
 
-def run(args: argparse.Namespace, map_fn=serial_map) -> dict:
+def run(args: argparse.Namespace, map_fn=serial_map, priors_fn=None) -> dict:
     """``pgasr report`` / ``make bench``; jobs/bench.py passes a Ray ``map_fn``."""
     cfg, bench = load_bench_config(args.config, args.overrides)
     if args.out:
@@ -1013,7 +1019,7 @@ def run(args: argparse.Namespace, map_fn=serial_map) -> dict:
         tmp.write_text(json.dumps(results, indent=1, default=_json_default))
         tmp.replace(src)
     else:
-        results = run_bench(cfg, bench, map_fn=map_fn)
+        results = run_bench(cfg, bench, map_fn=map_fn, priors_fn=priors_fn)
     md = Path(bench.report)
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(render_markdown(results, md, out))

@@ -163,3 +163,6 @@ def test_bench_job_runs_every_unit_as_a_ray_task(ray_session, tmp_path):
     assert res["tables"]["table1"]["2"]["PGASR"]["psnr"]["mean"] is not None
     assert (out / "fig4_x2.png").stat().st_size > 1000  # Fig. 4 rows came back from a task
     assert "## Table 1" in (tmp_path / "results.md").read_text()
+    # priors came from the Ray priors job (actor pool), not from the driver
+    meta = json.loads((tmp_path / "prepared_priors" / "priors.json").read_text())
+    assert "source_fingerprint" in meta and meta.get("writer") != "pgasr.report.compute_priors"
