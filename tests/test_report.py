@@ -116,6 +116,12 @@ def test_ladder_steps_pair_by_seed_and_judge_against_the_seed_spread():
     # the same +0.3 step, reversed, hurts; with one seed there is no spread to judge by
     flipped = [dict(r, row={"exp0": "exp1", "exp1": "exp0"}.get(r["row"], r["row"])) for r in runs]
     assert {s["to"]: s["verdict"] for s in ladder_steps(flipped, 2)}["exp1"] == "hurts"
+    base = [r for r in runs if r["row"] == "exp0"]
+    tiny = base + [dict(r, row="exp1", per_subject={s: {"psnr": m["psnr"] + 0.01}
+                                                   for s, m in r["per_subject"].items()})
+                   for r in base]
+    # consistent but tiny (+0.01 dB on every seed): not called a help
+    assert ladder_steps(tiny, 2)[0]["verdict"].startswith("negligible")
     one = ladder_steps([r for r in runs if r["seed"] == 0], 2)
     assert {s["verdict"] for s in one} == {"one seed: no spread to judge by"}
     # build_tables carries the steps per scale

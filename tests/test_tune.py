@@ -140,8 +140,12 @@ def tiny_sweep(ray_session, tmp_path_factory):
     return {"rc": rc, "tmp": tmp, "out": out, "summary": summary, "seconds": seconds}
 
 
+# the module fixture runs the whole sweep inside this test's setup: ~5 min alone on 2 cores,
+# >10 min when the machine is shared with another training job (pytest-timeout's 600 s
+# default then fails a healthy sweep)
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_sweep_trains_stage1_once_per_beta_and_asha_stops_early(tiny_sweep):
     assert tiny_sweep["rc"] == 0, "the sweep failed"
     tmp, out, summary = tiny_sweep["tmp"], tiny_sweep["out"], tiny_sweep["summary"]
@@ -187,6 +191,7 @@ def test_sweep_trains_stage1_once_per_beta_and_asha_stops_early(tiny_sweep):
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_best_checkpoint_serves_sr(tiny_sweep, tmp_path):
     import nibabel as nib
     import numpy as np
@@ -240,6 +245,7 @@ def _terminated(experiment: Path) -> set[str]:
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_sweep_resumes_after_driver_is_killed(tiny_sweep, ray_session, capsys):
     """A second sweep (1 beta x 2 alpha, one trial at a time) on the same stage-1 cache: its
     driver is killed after the first trial is recorded as finished; ``--resume`` restores the
