@@ -100,6 +100,12 @@ def ssim(
     Returns:
         (B,) tensor of mean SSIM over the valid (un-padded) region (and the mask).
     """
+    s = _ssim_map(pred, target, data_range, win_size)
+    return s.flatten(1).mean(1).float() if mask is None else _masked_mean(s, mask, win_size)
+
+
+def _ssim_map(pred, target, data_range, win_size: int) -> torch.Tensor:
+    """(B, 1, H - win + 1, W - win + 1) float64 SSIM map over the valid window centres."""
     p, t = _as_4d(pred).double(), _as_4d(target).double()
     if p.shape != t.shape:
         raise ValueError(f"shape mismatch: {tuple(p.shape)} vs {tuple(t.shape)}")
@@ -120,13 +126,16 @@ def ssim(
     vx = cov_norm * (uxx - ux * ux)
     vy = cov_norm * (uyy - uy * uy)
     vxy = cov_norm * (uxy - ux * uy)
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
-    if mask is None:
-        return s.flatten(1).mean(1).float()
+    return ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+
+
+def _masked_mean(s: torch.Tensor, mask, win_size: int) -> torch.Tensor:
+    """Mean of an SSIM map over the window centres inside ``mask`` (NaN where none are)."""
     m = _as_4d(mask).to(s.device) > 0.5
-    if m.shape[-2:] != p.shape[-2:]:
-        raise ValueError(f"mask shape {tuple(m.shape)} does not match the images {tuple(p.shape)}")
     r = win_size // 2
+    if tuple(m.shape[-2:]) != (s.shape[-2] + 2 * r, s.shape[-1] + 2 * r):
+        raise ValueError(f"mask shape {tuple(m.shape)} does not match the images "
+                         f"{(s.shape[0], 1, s.shape[-2] + 2 * r, s.shape[-1] + 2 * r)}")
     m = m[..., r : m.shape[-2] - r, r : m.shape[-1] - r].expand_as(s)  # window centres
     n_in = m.flatten(1).sum(1)
     total = torch.where(m, s, torch.zeros_like(s)).flatten(1).sum(1)
@@ -161,7 +170,8 @@ def ssim_split(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarra
                data_range: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(SSIM inside :func:`head_mask` of ``target``, SSIM outside it), each (B,)."""
     m = head_mask(target)
-    return ssim(pred, target, data_range, mask=m), ssim(pred, target, data_range, mask=~m)
+    s = _ssim_map(pred, target, data_range, 7)  # one map, two masked means
+    return _masked_mean(s, m, 7), _masked_mean(s, ~m, 7)
 
 
 # --------------------------------------------------------------------------- LPIPS

@@ -416,6 +416,11 @@ def bench_cnn_unit(cfg: RunConfig, bench: BenchConfig, data: str, runs_dir: str,
                    f"{np.mean([v['psnr'] for v in ps.values()]):.2f} dB"}
 
 
+def _full_row(rows: list[str]) -> str:
+    """The ladder row that stands for PGASR: the full model, or the last row that was run."""
+    return "ours" if "ours" in rows else rows[-1]
+
+
 def serial_map(fn, argsets: list[tuple], on_done) -> list:
     """``[fn(*a) for a in argsets]``, calling ``on_done(result)`` after each (jobs/bench.py
     passes a Ray version with the same contract)."""
@@ -427,7 +432,7 @@ def serial_map(fn, argsets: list[tuple], on_done) -> list:
 
 
 def run_bench(cfg: RunConfig, bench: BenchConfig, log=print, map_fn=serial_map,
-              priors_fn=None) -> dict:
+              priors_fn=compute_priors) -> dict:
     """Train and evaluate everything; returns (and writes) the results dict.
 
     Three barriers: all stage-1 models, then every ladder row at every scale, then the
@@ -449,8 +454,7 @@ def run_bench(cfg: RunConfig, bench: BenchConfig, log=print, map_fn=serial_map,
     t0 = time.perf_counter()
     log(f"== prepare ({cfg.data.source}) -> {cfg.data.prepared_dir}")
     prepare(cfg, progress=False)
-    data = ((priors_fn or compute_priors)(cfg, log) if any(r != "exp0" for r in bench.rows)
-            else None)
+    data = priors_fn(cfg, log) if any(r != "exp0" for r in bench.rows) else None
     data = str(Path(data or cfg.data.prepared_dir).resolve())
     timings["prepare+priors"] = time.perf_counter() - t0
 
@@ -479,19 +483,16 @@ def run_bench(cfg: RunConfig, bench: BenchConfig, log=print, map_fn=serial_map,
     timings["stage2"] = time.perf_counter() - t0
     # residual CNN at PGASR's budget: stage 1 + stage 2 wall time of the full row (or the
     # last ladder row run), capped
-    budgets = {}
-    for r in s2:
-        if r["row"] == ("ours" if "ours" in rows else rows[-1]):
-            budgets[(r["seed"], r["scale"])] = r["seconds"] + r["stage1_seconds"]
+    full = _full_row(rows)
+    budgets = {(r["seed"], r["scale"]): r["seconds"] + r["stage1_seconds"]
+               for r in s2 if r["row"] == full}
     t0 = time.perf_counter()
     cnn = map_fn(bench_cnn_unit, [
         (cfg, bench, data, runs_dir, seed, scale,
          min(budgets.get((seed, scale), bench.baseline_max_seconds), bench.baseline_max_seconds))
         for seed in bench.seeds for scale in bench.scales], tick)
     timings["cnn"] = time.perf_counter() - t0
-    fig4 = {r["scale"]: r.pop("fig4") for r in cnn if r.get("fig4") is not None}
-    for r in cnn:
-        r.pop("fig4", None)
+    fig4 = {r["scale"]: f for r in cnn if (f := r.pop("fig4")) is not None}
     # checkpoint paths are this machine's: they stay out of results.json
     runs = [{k: v for k, v in r.items() if k != "ckpt"} for r in s1.values()] + [*s2, *cnn]
 
@@ -509,7 +510,7 @@ def run_bench(cfg: RunConfig, bench: BenchConfig, log=print, map_fn=serial_map,
                          suptitle=f"x{scale}, seed {bench.seeds[0]}: test slices, PSNR per "
                                   f"slice; error map |PGASR - HR|")
             figures[f"fig4_x{scale}"] = png.name
-    key = "ours" if "ours" in rows else rows[-1]
+    key = full
     series = {}
     for scale in bench.scales:
         h = hists.get((scale, key))
@@ -557,8 +558,7 @@ def _fig4_rows(test, scale, cnn, scale_dir, bench, Predictor):
     from pgasr.data.degradation import bicubic_resize
     from pgasr.metrics import psnr
 
-    key = "ours" if "ours" in bench.rows else bench.rows[-1]
-    ck = scale_dir / key / "ckpt"
+    ck = scale_dir / _full_row(bench.rows) / "ckpt"
     if not ck.is_dir():
         return []
     pred = Predictor.from_checkpoint(ck, device="cpu")
@@ -614,8 +614,7 @@ def _agg(runs: list[dict], metric: str) -> dict:
     if not by_subj:
         return {"mean": None, "std": None, "subjects": 0, "seeds": len(runs)}
     vals = [float(np.mean(v)) for v in by_subj.values()]
-    seed_means = [float(np.mean([m[metric] for m in r["per_subject"].values()
-                                 if m.get(metric) is not None])) for r in runs]
+    seed_means = [np.nan if (v := _seed_mean(r, metric)) is None else v for r in runs]
     return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "subjects": len(vals),
             "seeds": len(runs), "seed_std": float(np.std(seed_means))}
 
@@ -1000,7 +999,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="re-render the Markdown from an existing results.json")
 
 
-def run(args: argparse.Namespace, map_fn=serial_map, priors_fn=None) -> dict:
+def run(args: argparse.Namespace, map_fn=serial_map, priors_fn=compute_priors) -> dict:
     """``pgasr report`` / ``make bench``; jobs/bench.py passes a Ray ``map_fn``."""
     cfg, bench = load_bench_config(args.config, args.overrides)
     if args.out:
