@@ -26,17 +26,20 @@ STEPS = ("prepare", "priors", "stage1", "stage2", "baseline", "evaluate", "sr", 
 
 
 def _held_out_volume(cfg, scale: int, out_dir: Path) -> tuple[Path, Path]:
-    """An LR volume of the first test subject (degraded like prepare does) and its HR."""
-    from pgasr.data.prepare import load_manifest
-    from pgasr.volume import degrade_volume_file
+    """The first test subject's HR and LR volumes as `pgasr prepare` exported them (the LR is
+    exactly what the evaluate step scores, on the grid the model sees)."""
+    import shutil
+
+    from pgasr.data.prepare import LR_VOLUMES, load_manifest
 
     man = load_manifest(cfg.data.prepared_dir)
     subject = man["split"]["test"][0]
-    src = Path(man["source"])
-    hr = next(p for p in src.rglob(f"{subject}-*-T2.nii*"))
-    lr = out_dir / f"{subject}_lr_x{scale}.nii.gz"
-    degrade_volume_file(hr, lr, scale, cfg.degradation, seed=cfg.degradation.seed)
-    return hr, lr
+    vols = Path(cfg.data.prepared_dir) / LR_VOLUMES
+    hr, lr = vols / f"{subject}_hr.nii.gz", vols / f"{subject}_lr_x{scale}.nii.gz"
+    if not lr.is_file():
+        raise FileNotFoundError(f"{lr} missing: prepare the data again (pgasr prepare --force)")
+    shutil.copyfile(lr, out_dir / lr.name)
+    return hr, out_dir / lr.name
 
 
 def _report(cfg, timings: dict, eval_res: dict, sr_path: Path, hr_path: Path, lr_path: Path,
@@ -158,7 +161,8 @@ def run_pipeline(cfg, address=None, from_step: str = "prepare",
             raise ValueError("the baseline step needs --baseline-seconds when stages 1 and 2 "
                              "did not run in this invocation")
         baseline = timed("baseline", compare_with_pgasr, str(out / "stage2"),
-                         str(data_dir(cfg)), scale, seconds=budget, seed=cfg.seed)
+                         str(data_dir(cfg)), scale, seconds=budget, seed=cfg.seed,
+                         save_to=str(out / "baseline_cnn"))
         baseline["pgasr_train_seconds"] = pgasr_s or None
         (out / "baseline.json").write_text(json.dumps(baseline, indent=1))
         print("same test slices, PSNR: " + ", ".join(

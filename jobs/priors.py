@@ -31,7 +31,6 @@ import os
 import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -39,7 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from jobs.common import init_ray, job_parser, load, run_job  # noqa: E402
 from pgasr.config import config_to_dict  # noqa: E402
 from pgasr.data import schema  # noqa: E402
-from pgasr.provenance import replace_dir  # noqa: E402
+from pgasr.provenance import (  # noqa: E402
+    PRIORS_MARKER, check_replaceable, replace_dir, temp_dir_for,
+)
 
 log = logging.getLogger("pgasr.jobs.priors")
 
@@ -145,10 +146,14 @@ def run_priors(cfg, address: str | None = None, force: bool = False,
         cfg: :class:`pgasr.config.RunConfig` (``data``, ``prior``, ``resources``).
         address: Ray cluster address (None: ``RAY_ADDRESS`` / running / new local cluster).
         force: recompute even when the output is up to date.
-        out_dir: output directory (default ``<prepared_dir>_priors``).
+        out_dir: output directory (default ``<prepared_dir>_priors``); replaced only when
+            absent, empty, or earlier prior shards (with ``priors.json``).
 
     Returns:
         The ``priors.json`` content (``reused: True`` when nothing had to be done).
+
+    Raises:
+        pgasr.provenance.ForeignDirectoryError: ``out_dir`` holds other files.
     """
     from pgasr.priors import describe_prior, resolve_checkpoint
 
@@ -184,11 +189,14 @@ def run_priors(cfg, address: str | None = None, force: bool = False,
         if same:
             print(f"priors up to date: {out} (backend={desc['backend']}; --force to redo)")
             return {**old, "reused": True}
+    # Replace only an absent/empty dir or earlier prior shards (priors.json), checked before
+    # any work; refuse anything else (ForeignDirectoryError, one line and exit 2 in the job).
+    check_replaceable(out, PRIORS_MARKER)
 
     ray = init_ray(address, cfg)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # blocks reach the driver in input order
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temp_dir_for(out)
     t0 = time.perf_counter()
     try:
         all_files = [f for fs in files.values() for f in fs]
@@ -214,7 +222,7 @@ def run_priors(cfg, address: str | None = None, force: bool = False,
                         "source_fingerprint": fingerprint, "seconds": time.perf_counter() - t0,
                         "reused": False})
         (tmp / PRIORS_META).write_text(json.dumps(summary, indent=2, default=str))
-        replace_dir(tmp, out)
+        replace_dir(tmp, out, PRIORS_MARKER)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     st = summary["cache"]

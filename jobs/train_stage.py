@@ -187,6 +187,7 @@ def make_trainer(stage: int, cfg: RunConfig, *, name: str | None = None,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pgasr.data.prepare import data_meta
     from pgasr.priors import build_prior
 
     src = data_dir(cfg)
@@ -198,12 +199,19 @@ def make_trainer(stage: int, cfg: RunConfig, *, name: str | None = None,
         schema.HR, schema.lr_column(scale), schema.prior_hr_column(), schema.prior_lr_column(scale)]
     if not cfg.model.acg:
         columns = [c for c in columns if not c.startswith("prior")]
+    if stage == 2:  # the LR volume's intensity statistics (pgasr.intensity), when prepared
+        import pyarrow.parquet as pq
+
+        norm = schema.lr_norm_column(scale)
+        if norm in pq.read_schema(train_files[0]).names:
+            columns.append(norm)
     datasets = {"train": ray.data.read_parquet(train_files).select_columns(columns)}
     val_files = sorted(str(p) for p in (src / "val").glob("*.parquet"))
     if val_files:
         datasets["val"] = ray.data.read_parquet(val_files).select_columns(columns)
     meta = {"prior": build_prior(cfg.prior).describe() if cfg.model.acg else None,
-            "data_manifest_sha256": sha256_file(src / schema.MANIFEST), "data_dir": str(src)}
+            "data_manifest_sha256": sha256_file(src / schema.MANIFEST), "data_dir": str(src),
+            **data_meta(src)}
     stage1_ckpt = None
     if stage == 2:
         stage1_ckpt = cfg.stage2.stage1_checkpoint or str(Path(cfg.run_dir) / "stage1")
@@ -243,24 +251,26 @@ def run_stage(stage: int, cfg: RunConfig, address: str | None = None, *,
 
     ``name`` is the Ray Train run name (default ``{cfg.name}-stage{N}``): running again under
     the same name and ``resources.storage_path`` resumes from the latest checkpoint.
+
+    Raises:
+        pgasr.provenance.ForeignDirectoryError: ``out`` exists and is neither empty nor a
+            PGASR checkpoint (checked before training; nothing is deleted).
     """
     from jobs.common import init_ray
+    from pgasr.checkpoint import publish_checkpoint
+    from pgasr.provenance import CHECKPOINT_MARKER, check_replaceable
 
+    out = Path(out) if out is not None else Path(cfg.run_dir) / f"stage{stage}"
+    check_replaceable(out, CHECKPOINT_MARKER)  # before training, not after it
     init_ray(address, cfg)
     trainer = make_trainer(stage, cfg, name=name)
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"stage {stage} finished without a checkpoint ({result.error})")
-    out = Path(out) if out is not None else Path(cfg.run_dir) / f"stage{stage}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Copy next to the destination, then rename: a crash never leaves half a checkpoint there.
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    # Copied beside the destination, verified and renamed in: a crash never leaves half a
+    # checkpoint there, and only an earlier checkpoint (or an empty dir) is replaced.
     with result.checkpoint.as_directory() as d:
-        shutil.copytree(d, tmp / "ckpt")
-    if out.exists():
-        shutil.rmtree(out)
-    (tmp / "ckpt").rename(out)
-    shutil.rmtree(tmp, ignore_errors=True)
+        publish_checkpoint(d, out)
     summary = {"stage": stage, "checkpoint": str(out), "ray_checkpoint": result.checkpoint.path,
                "metrics": result.metrics}
     atomic_write_text(out.parent / f"{out.name}.json", json.dumps(summary, indent=1,

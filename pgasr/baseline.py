@@ -8,8 +8,10 @@ budget, something in the codebook pipeline is the bottleneck (see docs/model.md)
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,10 +19,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pgasr.data import schema
-from pgasr.data.batches import iter_batches
+from pgasr.data.batches import iter_batches, to_lr_units
 from pgasr.metrics import psnr, ssim
 
-__all__ = ["ResidualCNN", "train_baseline", "evaluate_baseline"]
+__all__ = ["ResidualCNN", "cnn_predict_volume", "evaluate_baseline", "load_cnn", "save_cnn",
+           "train_baseline"]
 
 
 class ResidualCNN(nn.Module):
@@ -49,6 +52,8 @@ class ResidualCNN(nn.Module):
 
 
 def _centre(rows: Mapping[str, np.ndarray], scale: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lr_up, hr) centre slices in the LR volume's units, as PGASR's stage 2 sees them."""
+    rows = to_lr_units(rows, scale)
     hr = torch.from_numpy(np.ascontiguousarray(rows[schema.HR][:, 1:2], dtype=np.float32))
     lr = torch.from_numpy(np.ascontiguousarray(rows[schema.lr_column(scale)][:, 1:2],
                                                dtype=np.float32))
@@ -98,8 +103,48 @@ def evaluate_baseline(model: nn.Module, rows: Mapping[str, np.ndarray], scale: i
     return {k: float(torch.cat(v).mean()) for k, v in out.items()}
 
 
+def save_cnn(model: ResidualCNN, out_dir: str | Path, info: dict) -> Path:
+    """Weights (``cnn.pt``, a plain state dict) + ``cnn.json`` (architecture, scale, budget)."""
+    from pgasr.provenance import atomic_write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    depth = sum(isinstance(m, nn.Conv2d) for m in model.body)
+    width = model.body[0].out_channels
+    torch.save(model.state_dict(), out / "cnn.pt")
+    atomic_write_text(out / "cnn.json", json.dumps({"depth": depth, "width": width, **info},
+                                                   indent=1, default=str))
+    return out
+
+
+def load_cnn(path: str | Path) -> tuple[ResidualCNN, dict]:
+    """A CNN saved by :func:`save_cnn` (weights loaded without pickle)."""
+    p = Path(path)
+    if not (p / "cnn.json").is_file() or not (p / "cnn.pt").is_file():
+        raise FileNotFoundError(f"{p} holds no residual CNN (cnn.pt + cnn.json)")
+    info = json.loads((p / "cnn.json").read_text())
+    model = ResidualCNN(int(info["depth"]), int(info["width"]))
+    model.load_state_dict(torch.load(p / "cnn.pt", map_location="cpu", weights_only=True))
+    return model.eval(), info
+
+
+@torch.no_grad()
+def cnn_predict_volume(model: ResidualCNN, lr_volume: np.ndarray, scale: int,
+                       head_threshold: float = 0.1) -> np.ndarray:
+    """SR of an (x, y, z) LR volume with the intensity contract PGASR uses
+    (:mod:`pgasr.intensity`: units from the LR volume's statistics), in the input's units."""
+    from pgasr.intensity import intensity_stats
+
+    st = intensity_stats(lr_volume, head_threshold)
+    lr = torch.from_numpy(np.moveaxis(st.normalise(lr_volume), 2, 0).copy())[:, None]
+    x, y = lr.shape[-2] * scale, lr.shape[-1] * scale
+    out = [model(F.interpolate(lr[i : i + 8], size=(x, y), mode="bicubic",
+                               align_corners=False))[:, 0] for i in range(0, len(lr), 8)]
+    return st.denormalise(np.moveaxis(torch.cat(out).numpy(), 0, 2))
+
+
 def compare_with_pgasr(checkpoint: str, data_dir: str, scale: int, *, seconds: float,
-                       batch_size: int = 16, seed: int = 0) -> dict:
+                       batch_size: int = 16, seed: int = 0, save_to: str | None = None) -> dict:
     """The issue's yardstick: a :class:`ResidualCNN` trained for ``seconds`` of wall time on
     the same training split, then PGASR (``checkpoint``, a stage-2 directory), the CNN and
     bicubic scored on the *same* test slices with the same metric (per-slice HR range).
@@ -109,12 +154,14 @@ def compare_with_pgasr(checkpoint: str, data_dir: str, scale: int, *, seconds: f
     from pgasr.data.batches import read_split
     from pgasr.inference import Predictor
 
-    cols = [schema.HR, schema.lr_column(scale)]
+    cols = [schema.HR, schema.lr_column(scale), schema.lr_norm_column(scale)]
     train = read_split(data_dir, "train", cols)
     test = read_split(data_dir, "test")
     cnn, info = train_baseline(train, scale, seconds=seconds, epochs=10**6,
                                batch_size=batch_size, seed=seed)
     cnn.eval()
+    if save_to:
+        save_cnn(cnn, save_to, {"scale": scale, "data": str(data_dir), **info})
     pred = Predictor.from_checkpoint(checkpoint, device="cpu")
     prior_col = schema.prior_lr_column(scale)
     scores: dict[str, dict[str, list]] = {"psnr": {}, "ssim": {}}
@@ -122,7 +169,7 @@ def compare_with_pgasr(checkpoint: str, data_dir: str, scale: int, *, seconds: f
         for b in iter_batches(test, 8, shuffle=False):
             lr_up, hr = _centre(b, scale)
             sr = torch.from_numpy(pred.predict_triplets(
-                b[schema.lr_column(scale)], scale,
+                to_lr_units(b, scale)[schema.lr_column(scale)], scale,
                 b[prior_col] if prior_col in b else None))[:, None]
             dr = (hr.flatten(1).max(1).values - hr.flatten(1).min(1).values).clamp_min(1e-6)
             for name, img in (("bicubic", lr_up), ("residual_cnn", cnn(lr_up)), ("pgasr", sr)):

@@ -9,15 +9,25 @@ A checkpoint is a directory::
     train_state.pt  # optional: optimiser/scheduler/step/RNG state for resuming
 
 Everything :class:`pgasr.inference.Predictor` needs is inside; nothing else is consulted.
-Directories are written to a temporary sibling and renamed into place, so a crash mid-save
-never leaves a half checkpoint under the final name.
+Directories are written to a uniquely named temporary sibling, fsync'ed and renamed into
+place, so a crash mid-save never leaves a half checkpoint under the final name. Only an
+absent or empty path, or a directory whose ``meta.json`` has a ``pgasr-checkpoint/`` format
+(:data:`pgasr.provenance.CHECKPOINT_MARKER`), is ever replaced; anything else raises
+:class:`pgasr.provenance.ForeignDirectoryError`.
+
+``meta.json`` records the SHA-256 of every other file (``sha256``: {file: hex}); loading
+verifies the files it reads against it (:class:`CheckpointIntegrityError` on a mismatch;
+checkpoints written before hashes were recorded load with a warning). Both ``.pt`` files are
+read with ``torch.load(weights_only=True)``: tensors and plain containers only, never
+arbitrary pickled objects. Non-finite weights are never saved.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
+import logging
+import pickle
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +37,11 @@ import torch
 import yaml
 
 from pgasr.config import RunConfig, config_from_dict, config_to_dict
-from pgasr.provenance import provenance
+from pgasr.provenance import (
+    CHECKPOINT_MARKER, check_replaceable, provenance, replace_dir, sha256_file, temp_dir_for,
+)
+
+log = logging.getLogger(__name__)
 
 FORMAT = "pgasr-checkpoint/1"
 MODEL_FILE = "model.pt"
@@ -35,7 +49,19 @@ CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
 TRAIN_STATE_FILE = "train_state.pt"
 
-__all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint", "FORMAT"]
+HASHED_FILES = (MODEL_FILE, CONFIG_FILE, TRAIN_STATE_FILE)
+
+__all__ = ["Checkpoint", "CheckpointIntegrityError", "FORMAT", "NonFiniteWeightsError",
+           "load_checkpoint", "publish_checkpoint", "save_checkpoint"]
+
+
+class CheckpointIntegrityError(ValueError):
+    """A checkpoint file differs from the hash recorded at save time, or holds more than
+    tensors and plain containers."""
+
+
+class NonFiniteWeightsError(ValueError):
+    """A module to be saved has NaN or infinite weights."""
 
 
 @dataclass
@@ -52,6 +78,22 @@ def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
     return getattr(m, "module", m)
 
 
+def _state_dicts(modules: dict[str, torch.nn.Module]) -> dict[str, dict]:
+    """CPU copies of each module's state dict; refuses NaN/inf floating-point entries."""
+    out = {}
+    for name, m in modules.items():
+        sd = {k: v.detach().cpu() for k, v in _unwrap(m).state_dict().items()}
+        bad = [k for k, v in sd.items()
+               if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise NonFiniteWeightsError(
+                f"refusing to save a checkpoint with non-finite weights in {name!r}: "
+                f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} (training diverged; "
+                "lower the learning rate or resume from an earlier checkpoint)")
+        out[name] = sd
+    return out
+
+
 def save_checkpoint(
     path: str | Path,
     *,
@@ -64,24 +106,30 @@ def save_checkpoint(
     """Write a checkpoint directory atomically and return its path.
 
     Args:
-        path: final directory (replaced if it exists, only after the new one is complete).
+        path: final directory: created, or replaced (only after the new one is complete) when
+            it is empty or a PGASR checkpoint.
         stage: 1 or 2.
         modules: named modules (DDP wrappers are unwrapped).
         cfg: the resolved run config.
         meta: extra metadata (prior backend description, perceptual kind, metrics, step...).
-        train_state: optimiser/scheduler/step state for resuming (optional).
+        train_state: optimiser/scheduler/step state for resuming (optional): tensors and plain
+            Python containers/scalars only, so it loads with ``weights_only=True``.
+
+    Raises:
+        ForeignDirectoryError: ``path`` holds something else (checked before writing).
+        NonFiniteWeightsError: a module has NaN/inf weights (nothing is written).
     """
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage}")
     path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    check_replaceable(path, CHECKPOINT_MARKER)
+    sd = _state_dicts(modules)
+    tmp = temp_dir_for(path)
     try:
-        sd = {name: {k: v.detach().cpu() for k, v in _unwrap(m).state_dict().items()}
-              for name, m in modules.items()}
         torch.save({"stage": stage, "state_dicts": sd}, tmp / MODEL_FILE)
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        if train_state is not None:
+            torch.save(train_state, tmp / TRAIN_STATE_FILE)
         full_meta = {
             "format": FORMAT,
             "stage": stage,
@@ -89,25 +137,83 @@ def save_checkpoint(
             "modules": sorted(modules),
             **provenance(),
             **(meta or {}),
+            "sha256": {f: sha256_file(tmp / f) for f in HASHED_FILES if (tmp / f).is_file()},
         }
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=1, default=str))
-        if train_state is not None:
-            torch.save(train_state, tmp / TRAIN_STATE_FILE)
-    except BaseException:
+        replace_dir(tmp, path, CHECKPOINT_MARKER)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(path)
     return path
 
 
+def publish_checkpoint(src: str | Path, dest: str | Path, *, keep_train_state: bool = True) -> Path:
+    """Copy checkpoint ``src`` to ``dest`` atomically (temp sibling, verified, fsync'ed,
+    renamed in); ``dest`` is replaced only when it is empty or a PGASR checkpoint.
+
+    Args:
+        src: a checkpoint directory (e.g. a Ray Train checkpoint's local copy).
+        dest: where the copy goes.
+        keep_train_state: False drops ``train_state.pt`` (optimiser state: not served).
+
+    Raises:
+        ForeignDirectoryError: ``dest`` holds something else (nothing is copied).
+        CheckpointIntegrityError / ValueError: ``src`` is not a loadable checkpoint.
+    """
+    dest = Path(dest)
+    check_replaceable(dest, CHECKPOINT_MARKER)
+    tmp = temp_dir_for(dest)
+    try:
+        shutil.copytree(src, tmp / "ckpt")
+        if not keep_train_state:
+            (tmp / "ckpt" / TRAIN_STATE_FILE).unlink(missing_ok=True)
+        ck = load_checkpoint(tmp / "ckpt")  # never publish one Predictor cannot read
+        has_ts = (tmp / "ckpt" / TRAIN_STATE_FILE).is_file()
+        if keep_train_state and has_ts and "sha256" in ck.meta:
+            _verify(tmp / "ckpt", ck.meta, [TRAIN_STATE_FILE])
+        replace_dir(tmp / "ckpt", dest, CHECKPOINT_MARKER)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _verify(p: Path, meta: dict, files: list[str]) -> None:
+    """Check ``files`` of checkpoint ``p`` against the hashes recorded in ``meta``."""
+    recorded = meta.get("sha256")
+    if not isinstance(recorded, dict):
+        log.warning("%s records no file hashes (written before PGASR recorded them): loading "
+                    "it unverified", p)
+        return
+    for f in files:
+        want = recorded.get(f)
+        if want is None:
+            raise CheckpointIntegrityError(f"{p / f}: no SHA-256 recorded in {META_FILE}")
+        got = sha256_file(p / f)
+        if got != want:
+            raise CheckpointIntegrityError(
+                f"{p / f}: SHA-256 {got[:12]}... does not match {want[:12]}... recorded in "
+                f"{META_FILE}: the file changed after the checkpoint was written; refusing "
+                "to load it")
+
+
+def _load_pt(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, with a clear error for anything else pickled."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointIntegrityError(
+            f"{path}: holds objects other than tensors and plain containers; refusing to "
+            f"unpickle it ({str(e).splitlines()[0]})") from None
+
+
 def load_checkpoint(path: str | Path, with_train_state: bool = False) -> Checkpoint:
-    """Load a checkpoint directory; clear errors for anything that is not one."""
+    """Load a checkpoint directory, verifying the files it reads against the recorded
+    SHA-256s; clear errors for anything that is not one.
+
+    Raises:
+        FileNotFoundError: no such directory.
+        ValueError: not a PGASR checkpoint / unsupported format.
+        CheckpointIntegrityError: a hash mismatch, or a file that is not weights-only.
+    """
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {p}")
@@ -117,9 +223,9 @@ def load_checkpoint(path: str | Path, with_train_state: bool = False) -> Checkpo
     meta = json.loads((p / META_FILE).read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{p}: unsupported checkpoint format {meta.get('format')!r}")
+    want_ts = with_train_state and (p / TRAIN_STATE_FILE).is_file()
+    _verify(p, meta, [MODEL_FILE, CONFIG_FILE] + ([TRAIN_STATE_FILE] if want_ts else []))
     cfg = config_from_dict(yaml.safe_load((p / CONFIG_FILE).read_text()), str(p / CONFIG_FILE))
-    blob = torch.load(p / MODEL_FILE, map_location="cpu", weights_only=True)
-    ts = None
-    if with_train_state and (p / TRAIN_STATE_FILE).is_file():
-        ts = torch.load(p / TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
+    blob = _load_pt(p / MODEL_FILE)
+    ts = _load_pt(p / TRAIN_STATE_FILE) if want_ts else None
     return Checkpoint(p, int(blob["stage"]), blob["state_dicts"], cfg, meta, ts)

@@ -28,6 +28,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DegradationConfig",
+    "InferenceConfig",
     "ModelConfig",
     "PriorConfig",
     "ResourcesConfig",
@@ -97,6 +98,23 @@ class DegradationConfig:
 
 
 @dataclass
+class InferenceConfig:
+    """How a trained model is applied (``pgasr sr``, ``pgasr evaluate``, Serve, the report).
+
+    ``background: bicubic`` keeps the background of the input: outside a head mask computed
+    from the bicubic-upsampled LR slice (model units above ``background_threshold``, holes
+    filled, dilated by ``mask_dilate`` HR pixels, feathered over ``mask_feather`` pixels) the
+    output is the bicubic interpolation of the input, so air and zero-filled regions stay
+    what they were. ``model`` uses the network's output everywhere.
+    """
+
+    background: str = "bicubic"  # bicubic | model
+    background_threshold: float = 0.1  # model units: the head mean is 1 (pgasr.intensity)
+    mask_dilate: int = 3  # HR pixels
+    mask_feather: float = 1.5  # Gaussian sigma of the mask edge, HR pixels
+
+
+@dataclass
 class ResourcesConfig:
     """Ray resources. GPUs are config, never hard-coded: a GPU request on a CPU-only
     cluster waits forever."""
@@ -149,8 +167,13 @@ class ServeConfig:
     max_ongoing_requests: int = 8
     gpus_per_replica: float = 0.0
     cpus_per_replica: float = 1.0
+    memory_per_replica: int = 0  # bytes of Ray memory a replica reserves; 0: from the caps
     max_queued_requests: int = 64  # per caller; beyond it Serve answers 503 at once
     max_slice_pixels: int = 1024 * 1024  # LR pixels (h x w) of one /v1/sr/slice image
+    max_output_voxels: int = 0  # SR voxels of one answer; 0: 4 x max_voxels (x2 of the largest)
+    max_volume_queue: int = 4  # volume jobs per replica (computing + waiting); beyond: 503
+    body_timeout_s: float = 120.0  # the whole request body must arrive within this
+    body_idle_timeout_s: float = 10.0  # longest pause between two chunks of a body
     bf16: bool = False  # autocast on CUDA replicas
     allow_no_auth: bool = False  # development only: no API key needed (loud warning)
 
@@ -226,6 +249,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -384,6 +408,12 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: nan_policy must be error or skip")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"{source}: device must be auto, cpu or cuda")
+    inf = cfg.inference
+    if inf.background not in ("bicubic", "model"):
+        raise ConfigError(f"{source}: inference.background must be bicubic or model, "
+                          f"got {inf.background!r}")
+    if inf.mask_dilate < 0 or inf.mask_feather < 0:
+        raise ConfigError(f"{source}: inference.mask_dilate and mask_feather must be >= 0")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -22,7 +22,7 @@ import torch
 
 from pgasr import steps
 from pgasr.data import schema
-from pgasr.data.batches import read_split
+from pgasr.data.batches import read_split, to_lr_units
 from pgasr.data.prepare import load_manifest
 from pgasr.figures import histogram_figure, panel_figure
 from pgasr.inference import Predictor
@@ -65,6 +65,9 @@ def evaluate(
     if lr_col not in rows:
         raise ValueError(f"{data_dir} has no {lr_col} column (prepared scales: "
                          f"{manifest.get('scales')})")
+    norm_col = schema.lr_norm_column(scale)
+    unit = rows[norm_col][:, 1].astype(np.float64) if norm_col in rows else None
+    rows = to_lr_units(rows, scale)  # what `pgasr sr` computes from the LR volume
     prior_col = schema.prior_lr_column(scale)
     have_priors = prior_col in rows and schema.prior_hr_column() in rows
     if have_priors:
@@ -86,6 +89,8 @@ def evaluate(
             sel = sel[keep.astype(int)]
         info = manifest["subjects"].get(subj, {})
         dr = float(info.get("hr_max", 0) - info.get("hr_min", 0)) or None
+        if dr is not None and unit is not None:  # the subject's HR range, in LR units
+            dr = dr / float(unit[sel[0]])
         hr = rows[schema.HR][sel][:, 1]  # (n, H, W)
         if dr is None:
             dr = float(hr.max() - hr.min())
@@ -146,7 +151,8 @@ def evaluate(
         "subjects": len(subjects),
         "prior": pred.describe()["prior"],
         "lpips": lp.describe(),
-        "conventions": "PSNR/SSIM on whole z-scored slices, data range = subject HR range; "
+        "conventions": "PSNR/SSIM on whole slices in the LR volume's model units "
+                       "(pgasr.intensity), data range = subject HR range; "
                        "per-slice -> per-subject mean -> mean +- std over subjects",
         "summary": {k: summarise(per_subject, k) for k in
                     ("psnr", "ssim", "lpips", "bicubic_psnr", "bicubic_ssim", "bicubic_lpips",

@@ -2,8 +2,11 @@
 
 :class:`Predictor` is the single implementation behind ``pgasr sr``, ``pgasr evaluate`` and
 the Serve deployment. A volume is processed slice-wise with 3-slice windows (edge slices
-replicate themselves), in chunks so memory stays bounded, with intensities z-scored per
-volume exactly like ``pgasr prepare`` and mapped back to the input's units.
+replicate themselves), in chunks so memory stays bounded. Intensities follow the contract of
+:mod:`pgasr.intensity`: model units come from the LR volume's own statistics, exactly as
+``pgasr prepare`` computes them for training, and the output is mapped back to the input's
+units. Outside the head the output keeps the input's (bicubic) background
+(:mod:`pgasr.background`, ``inference.background``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import numpy as np
 import torch
 
 from pgasr import steps
+from pgasr.background import keep_background
+from pgasr.intensity import intensity_stats
 from pgasr.models import build_stage1, build_stage2
 from pgasr.checkpoint import Checkpoint, load_checkpoint
 from pgasr.config import PriorConfig, RunConfig
@@ -29,15 +34,12 @@ __all__ = ["Predictor", "VolumeResult", "normalise_volume"]
 
 
 def normalise_volume(vol: np.ndarray, head_threshold: float) -> tuple[np.ndarray, float, float]:
-    """z-score over head voxels (> ``head_threshold`` x 99th percentile), as in prepare."""
-    p99 = float(np.percentile(vol, 99))
-    head = vol > head_threshold * p99
-    if head.sum() < 16:
-        head = np.ones_like(vol, dtype=bool)
-    mean, std = float(vol[head].mean()), float(vol[head].std())
-    if std <= 0:
-        raise ValueError("volume has zero variance")
-    return ((vol - mean) / std).astype(np.float32), mean, std
+    """An LR volume in model units (:func:`pgasr.intensity.intensity_stats`).
+
+    Returns ``(units, offset, scale)``; ``units * scale + offset`` maps back.
+    """
+    st = intensity_stats(vol, head_threshold)
+    return st.normalise(vol), st.offset, st.scale
 
 
 @dataclass
@@ -110,7 +112,8 @@ class Predictor:
         """SR of the centre slice of each LR triplet.
 
         Args:
-            lr: (B, 3, h, w) z-scored LR triplets (t-1, t, t+1).
+            lr: (B, 3, h, w) LR triplets (t-1, t, t+1) in model units (the LR volume's
+                statistics, :mod:`pgasr.intensity`).
             scale: 2 or 4 (must be one the checkpoint was trained for).
             prior_lr: (B, 3, h*s, w*s) priors of the upsampled LR; computed when None.
 
@@ -142,7 +145,8 @@ class Predictor:
             p = None if prior is None else prior[i : i + self.batch_size].to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 sr = self.model(x, p)
-            outs.append(sr.float()[:, 0, :H, :W].cpu())
+            sr = sr.float()[:, 0, :H, :W].cpu()
+            outs.append(keep_background(sr, lr_up[i : i + self.batch_size, 1], self.cfg.inference))
         return torch.cat(outs).numpy()
 
     # ------------------------------------------------------------------ volumes
@@ -161,7 +165,8 @@ class Predictor:
         affine = np.asarray(affine, dtype=np.float64)
         to_std, from_std = _inplane_orientation(affine)
         work = nib.orientations.apply_orientation(vol, to_std) if to_std is not None else vol
-        z, mean, std = normalise_volume(work, self.cfg.data.head_threshold)
+        st = intensity_stats(work, self.cfg.data.head_threshold)
+        z = st.normalise(work)
         n = z.shape[2]
         H, W = z.shape[0] * scale, z.shape[1] * scale
         out = np.empty((H, W, n), dtype=np.float32)
@@ -181,14 +186,35 @@ class Predictor:
             out[:, :, start:stop] = np.moveaxis(sr, 0, 2)
             if progress is not None:
                 progress(stop, n)
-        out = out * std + mean
+        out = st.denormalise(out)
+        if not np.isfinite(out).all():
+            raise FloatingPointError("the model produced non-finite voxels for this volume")
         if from_std is not None:
             out = nib.orientations.apply_orientation(out, from_std)
         return VolumeResult(np.ascontiguousarray(out, dtype=np.float32),
                             rescale_affine(affine, 1.0 / scale))
 
+    def check_spacing(self, img: nib.Nifti1Image, scale: int) -> str | None:
+        """A warning when the input's in-plane voxel size is far (> 25 %) from the LR voxel
+        size the model was trained on (its HR voxel size x ``scale``); None otherwise."""
+        hr = self.ckpt.meta.get("voxel_size")
+        if not hr:
+            return None
+        want = float(hr[0]) * scale
+        zooms = np.linalg.norm(np.asarray(img.affine, dtype=np.float64)[:3, :2], axis=0)
+        got = float(np.mean(zooms))
+        if not np.isfinite(got) or abs(got / want - 1) <= 0.25:
+            return None
+        return (f"input in-plane voxel size {got:.2f} mm differs from the {want:.2f} mm LR voxels "
+                f"this model was trained on (HR {float(hr[0]):.2f} mm x{scale}): anatomy appears "
+                f"at another scale than in training; resample the volume to {want:.2f} mm for "
+                "the intended result")
+
     def predict_image(self, img: nib.Nifti1Image, scale: int, progress=None) -> nib.Nifti1Image:
         """NIfTI in, NIfTI out: header kept, shape/affine/zooms updated."""
+        msg = self.check_spacing(img, scale)
+        if msg:
+            log.warning(msg)
         res = self.predict_volume(np.asanyarray(img.dataobj), img.affine, scale, progress)
         return volume_image(res.sr, res.affine, img)
 

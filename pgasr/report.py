@@ -158,7 +158,7 @@ def compute_priors(cfg: RunConfig, log=print) -> Path:
     from pgasr.priors import build_prior
     from pgasr.priors.cache import CachedPrior
     from pgasr.priors.shards import add_prior_columns, to_arrow
-    from pgasr.provenance import replace_dir
+    from pgasr.provenance import PRIORS_MARKER, check_replaceable, replace_dir, temp_dir_for
 
     prepared = Path(cfg.data.prepared_dir)
     out = schema.priors_dir(prepared)
@@ -175,32 +175,37 @@ def compute_priors(cfg: RunConfig, log=print) -> Path:
             log(f"priors up to date: {out}")
             return out
     cached = CachedPrior(prior, cfg.prior.cache_dir if cfg.prior.cache else None)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    t0, skipped, rows_out = time.perf_counter(), [], {}
-    for split in schema.SPLITS:
-        try:
-            files = split_files(prepared, split)
-        except FileNotFoundError:
-            continue
-        (tmp / split).mkdir(parents=True, exist_ok=True)
-        rows_out[split] = 0
-        for f in files:
-            table = pq.read_table(f)
-            batch = {n: _to_numpy(table.column(n)) for n in table.column_names}
-            cols, sk = add_prior_columns(batch, cached, scales)
-            skipped += sk
-            rows_out[split] += len(cols[schema.HR])
-            pq.write_table(to_arrow(cols), tmp / split / f.name)
-    for name in (schema.MANIFEST, schema.CONFIG):
-        if (prepared / name).is_file():
-            shutil.copy2(prepared / name, tmp / name)
-    (tmp / "priors.json").write_text(json.dumps({
-        "prior": desc, "scales": scales, "source": str(prepared.resolve()),
-        "source_manifest_sha256": man_sha, "rows_out": rows_out, "skipped": skipped,
-        "seconds": time.perf_counter() - t0, "writer": "pgasr.report.compute_priors"},
-        indent=2, default=str))
-    replace_dir(tmp, out)
+    # Replace only an absent/empty dir or earlier prior shards (priors.json); a unique temp
+    # dir per run, so concurrent runs never delete each other's work.
+    check_replaceable(out, PRIORS_MARKER)
+    tmp = temp_dir_for(out)
+    try:
+        t0, skipped, rows_out = time.perf_counter(), [], {}
+        for split in schema.SPLITS:
+            try:
+                files = split_files(prepared, split)
+            except FileNotFoundError:
+                continue
+            (tmp / split).mkdir(parents=True, exist_ok=True)
+            rows_out[split] = 0
+            for f in files:
+                table = pq.read_table(f)
+                batch = {n: _to_numpy(table.column(n)) for n in table.column_names}
+                cols, sk = add_prior_columns(batch, cached, scales)
+                skipped += sk
+                rows_out[split] += len(cols[schema.HR])
+                pq.write_table(to_arrow(cols), tmp / split / f.name)
+        for name in (schema.MANIFEST, schema.CONFIG):
+            if (prepared / name).is_file():
+                shutil.copy2(prepared / name, tmp / name)
+        (tmp / "priors.json").write_text(json.dumps({
+            "prior": desc, "scales": scales, "source": str(prepared.resolve()),
+            "source_manifest_sha256": man_sha, "rows_out": rows_out, "skipped": skipped,
+            "seconds": time.perf_counter() - t0, "writer": "pgasr.report.compute_priors"},
+            indent=2, default=str))
+        replace_dir(tmp, out, PRIORS_MARKER)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename
     log(f"priors: {desc['backend']} rows={rows_out} skipped={len(skipped)} "
         f"in {time.perf_counter() - t0:.1f}s -> {out}")
     return out
@@ -209,14 +214,23 @@ def compute_priors(cfg: RunConfig, log=print) -> Path:
 # ----------------------------------------------------------------------------- scoring
 
 
-def score_subjects(rows: dict, manifest: dict, predict, max_slices: int = 0, lp=None) -> dict:
+def score_subjects(rows: dict, manifest: dict, predict, max_slices: int = 0, lp=None,
+                   scale: int | None = None) -> dict:
     """Per-subject PSNR/SSIM/LPIPS of ``predict(row_indices) -> (n, H, W)`` on test rows,
-    with :func:`pgasr.evaluate.evaluate`'s conventions (subject HR range, whole slice)."""
+    with :func:`pgasr.evaluate.evaluate`'s conventions (subject HR range, whole slice).
+
+    With ``scale``, ``predict`` answers in the LR volume's units (``to_lr_units``: SR models)
+    and the HR rows and range are mapped the same way; without, in the stored HR units."""
     import torch
 
     from pgasr.data import schema
+    from pgasr.data.batches import to_lr_units
     from pgasr.metrics import lpips_distance, nanmean, psnr, ssim, ssim_split
 
+    norm = schema.lr_norm_column(scale) if scale else None
+    unit = rows[norm][:, 1].astype(np.float64) if norm and norm in rows else None
+    if scale:
+        rows = to_lr_units(rows, scale)
     out = {}
     for subj in sorted(set(rows[schema.SUBJECT].tolist())):
         sel = np.where(rows[schema.SUBJECT] == subj)[0]
@@ -226,7 +240,8 @@ def score_subjects(rows: dict, manifest: dict, predict, max_slices: int = 0, lp=
             sel = sel[keep]
         hr = torch.from_numpy(rows[schema.HR][sel][:, 1].astype(np.float32))
         info = manifest["subjects"].get(subj, {})
-        dr = float(info.get("hr_max", 0) - info.get("hr_min", 0)) or float(hr.max() - hr.min())
+        dr = float(info.get("hr_max", 0) - info.get("hr_min", 0))
+        dr = dr / float(unit[sel[0]]) if dr and unit is not None else dr or float(hr.max() - hr.min())
         sr = torch.as_tensor(np.asarray(predict(sel), dtype=np.float32))
         d = lpips_distance(lp, sr, hr, dr) if lp is not None else None
         head, bg = ssim_split(sr, hr, dr)
@@ -237,10 +252,14 @@ def score_subjects(rows: dict, manifest: dict, predict, max_slices: int = 0, lp=
 
 
 def _cnn_predict(model, rows, scale):
+    """The CNN on rows, in the LR volume's units (``to_lr_units``)."""
     import torch
     import torch.nn.functional as F
 
     from pgasr.data import schema
+    from pgasr.data.batches import to_lr_units
+
+    rows = to_lr_units(rows, scale)
 
     def predict(sel):
         lr = torch.from_numpy(rows[schema.lr_column(scale)][sel][:, 1:2].astype(np.float32))
@@ -284,7 +303,6 @@ def _train(stage, cfg, data, out_dir, stage1=None):
     from pgasr.training import train_local
 
     t0 = time.perf_counter()
-    shutil.rmtree(out_dir, ignore_errors=True)
     res = train_local(stage, cfg, data, out_dir, stage1_checkpoint=stage1, progress=False)
     return time.perf_counter() - t0, res
 
@@ -400,13 +418,12 @@ def bench_cnn_unit(cfg: RunConfig, bench: BenchConfig, data: str, runs_dir: str,
     from pgasr.inference import Predictor
 
     _threads(cfg)
-    cols = (schema.HR, *(schema.lr_column(s) for s in bench.scales))
-    cnn, info = train_baseline(_split(data, "train", cols), scale, seconds=budget,
+    cnn, info = train_baseline(_split(data, "train"), scale, seconds=budget,
                                epochs=10**6, seed=seed)
     cnn.eval()
     test = _split(data, "test")
     ps = score_subjects(test, _manifest(data), _cnn_predict(cnn, test, scale),
-                        bench.eval_max_slices, _lpips())
+                        bench.eval_max_slices, _lpips(), scale=scale)
     fig4 = (_fig4_rows(test, scale, cnn, Path(runs_dir) / f"seed{seed}" / f"x{scale}", bench,
                        Predictor) if seed == bench.seeds[0] else None)
     return {"kind": "cnn", "seed": seed, "scale": scale, "budget_seconds": budget,
@@ -558,22 +575,25 @@ def _fig4_rows(test, scale, cnn, scale_dir, bench, Predictor):
     from pgasr.data.degradation import bicubic_resize
     from pgasr.metrics import psnr
 
+    from pgasr.data.batches import to_lr_units
+
     ck = scale_dir / _full_row(bench.rows) / "ckpt"
     if not ck.is_dir():
         return []
+    units = to_lr_units(test, scale)
     pred = Predictor.from_checkpoint(ck, device="cpu")
     subj = sorted(set(test[schema.SUBJECT].tolist()))[0]
     sel = np.where(test[schema.SUBJECT] == subj)[0]
     sel = sel[np.argsort(test[schema.SLICE][sel])]
     n = min(bench.figure_slices, len(sel))
     pick = sel[np.linspace(len(sel) // 4, 3 * len(sel) // 4, n).round().astype(int)]
-    lr = test[schema.lr_column(scale)][pick]
+    lr = units[schema.lr_column(scale)][pick]
     prior_col = schema.prior_lr_column(scale)
     sr = pred.predict_triplets(lr, scale, test[prior_col][pick] if prior_col in test else None)
     cnn_sr = _cnn_predict(cnn, test, scale)(pick)
     rows = []
     for i, r in enumerate(pick):
-        hr = test[schema.HR][r, 1].astype(np.float32)
+        hr = units[schema.HR][r, 1].astype(np.float32)
         bic = bicubic_resize(lr[i, 1], hr.shape)
         dr = float(hr.max() - hr.min())
         imgs = {"lr": lr[i, 1], "bicubic": bic, "cnn": cnn_sr[i], "pgasr": sr[i], "hr": hr}

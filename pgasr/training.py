@@ -315,18 +315,30 @@ def train_local(stage: int, cfg: RunConfig, data_dir: str | Path, out_dir: str |
     Reads the whole train split into memory (fine for debugging-sized cohorts; the Ray job
     streams), shuffles per epoch with a seeded permutation, validates on the val split when
     there is one, and keeps the latest checkpoint in ``out_dir``.
+
+    Raises:
+        pgasr.provenance.ForeignDirectoryError: ``out_dir`` exists and is neither empty nor a
+            PGASR checkpoint (checked before training starts; nothing is deleted).
     """
     from tqdm.auto import tqdm
 
     from pgasr.data import schema
     from pgasr.data.batches import iter_batches, read_split
-    from pgasr.provenance import sha256_file
+    from pgasr.provenance import CHECKPOINT_MARKER, check_replaceable, sha256_file
 
+    check_replaceable(out_dir, CHECKPOINT_MARKER)  # fail now, not after the first epoch
     scale = cfg.stage2.scale
     cols = [schema.HR, schema.prior_hr_column()] if stage == 1 else [
         schema.HR, schema.lr_column(scale), schema.prior_hr_column(), schema.prior_lr_column(scale)]
     if not cfg.model.acg:
         cols = [c for c in cols if not c.startswith("prior")]
+    if stage == 2:  # the LR volume's intensity statistics (pgasr.intensity), when prepared
+        import pyarrow.parquet as pq
+
+        from pgasr.data.batches import split_files
+
+        if schema.lr_norm_column(scale) in pq.read_schema(split_files(data_dir, "train")[0]).names:
+            cols.append(schema.lr_norm_column(scale))
     train = read_split(data_dir, "train", cols)
     try:
         val = read_split(data_dir, "val", cols)
@@ -342,7 +354,9 @@ def train_local(stage: int, cfg: RunConfig, data_dir: str | Path, out_dir: str |
         return tqdm(it, total=n_batches, desc=f"stage {stage} epoch {epoch}", unit="batch",
                     disable=not progress, leave=False)
 
-    meta = {"data_dir": str(data_dir)}
+    from pgasr.data.prepare import data_meta
+
+    meta = {"data_dir": str(data_dir), **data_meta(data_dir)}
     manifest = Path(data_dir) / schema.MANIFEST
     if manifest.is_file():
         meta["data_manifest_sha256"] = sha256_file(manifest)

@@ -1,30 +1,32 @@
 """Shared fixtures. Ray is started once per test session (3-5 s) with logical CPUs and a small
-object store; tests that need it take ``ray_session``."""
+object store; tests that need it take ``ray_session``. The session's cluster is always a new
+local one (``procutil.ray_init_kwargs``: ``address="local"``), and ``RAY_ADDRESS`` is dropped
+so that jobs the tests start as subprocesses never join the user's own cluster either."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.pop("RAY_ADDRESS", None)
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT / "tests") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tests"))
 
 
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
 
+    from procutil import ray_init_kwargs
+
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=4,
-            object_store_memory=200_000_000,
-            include_dashboard=False,
-            log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-        )
+        ray.init(**ray_init_kwargs(num_cpus=4))
     yield ray
     ray.shutdown()
 

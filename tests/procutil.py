@@ -26,6 +26,15 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
 
+def ray_init_kwargs(num_cpus: int = 4, **extra) -> dict:
+    """``ray.init`` arguments for a test's own in-process cluster: ``address="local"`` always
+    starts a new one, never joining whatever ``RAY_ADDRESS`` or the address ``ray start``
+    recorded under /tmp/ray points at (a live cluster of the user's, or a stale one)."""
+    return {"address": "local", "num_cpus": num_cpus, "object_store_memory": 200_000_000,
+            "include_dashboard": False, "log_to_driver": False,
+            "runtime_env": {"env_vars": {"PYTHONPATH": str(ROOT)}}, **extra}
+
+
 def session_pids(sid: int) -> list[int]:
     """Live processes whose session id is ``sid`` (zombies excluded)."""
     pids = []

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -61,3 +62,24 @@ def test_degrade_volume_affine(tmp_path):
     np.testing.assert_allclose(img.header.get_zooms(), (2, 2, 2))
     # field of view unchanged: the LR voxel 0 centre sits between HR voxels 0 and 1
     np.testing.assert_allclose(img.affine[:3, 3], [-9.5, -19.5, 5])
+
+
+def test_prepare_refuses_a_foreign_out_dir_with_exit_2(tmp_path, capsys):
+    """`pgasr prepare --out DIR --force` on the user's own directory: a one-line error, exit
+    status 2, and every file still there (issue #17)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_prepare import _write_cohort
+
+    src = _write_cohort(tmp_path / "ixi")
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.txt").write_text("years of work")
+    sets = ["data.size=32", "data.slices_per_volume=8", "data.train_subjects=3",
+            "data.val_subjects=1", "data.test_subjects=2"]
+    rc = main(["prepare", "--source", str(src), "--out", str(out), "--force", "-q",
+               *[a for s in sets for a in ("--set", s)]])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "pgasr prepare: error:" in err and "did not write" in err and "Traceback" not in err
+    assert (out / "thesis.txt").read_text() == "years of work"
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.txt"]

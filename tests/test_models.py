@@ -206,8 +206,23 @@ def test_stage1_model_odd_size_and_acg():
 # --------------------------------------------------------------------------- SCAB / stage 2
 
 
+def _trained(scab: SCAB) -> SCAB:
+    """A SCAB whose zero-initialised output projections have been moved off zero."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in (scab.attn.proj, scab.ffn.fc2):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.3)
+    return scab
+
+
+def test_fresh_scab_is_the_identity():
+    scab = SCAB(8, 2, window_size=4)
+    z = torch.randn(2, 8, 5, 6)
+    torch.testing.assert_close(scab(z, torch.randn(2, 2, 8, 5, 6)), z)
+
+
 def test_scab_duplicate_context_equals_single_neighbour():
-    scab = SCAB(8, 2, window_size=4, mode="concat")
+    scab = _trained(SCAB(8, 2, window_size=4, mode="concat"))
     z, n = torch.randn(2, 8, 5, 6), torch.randn(2, 1, 8, 5, 6)
     both = scab(z, n.repeat(1, 2, 1, 1, 1))
     single = scab(z, n)
@@ -215,7 +230,7 @@ def test_scab_duplicate_context_equals_single_neighbour():
 
 
 def test_scab_literal_mode():
-    lit = SCAB(8, 2, window_size=4, mode="literal")
+    lit = _trained(SCAB(8, 2, window_size=4, mode="literal"))
     cat = SCAB(8, 2, window_size=4, mode="concat")
     cat.load_state_dict(lit.state_dict())
     z, a, b = torch.randn(1, 8, 4, 4), torch.randn(1, 1, 8, 4, 4), torch.randn(1, 1, 8, 4, 4)
@@ -235,6 +250,7 @@ def _stage2(**model):
 
 def test_stage2_edge_members_use_only_centre():
     cfg, s2 = _stage2()
+    _trained(s2.scab)
     s2.eval()
     lr_up, pri = torch.randn(1, 3, 16, 16), torch.rand(1, 3, 16, 16)
     z = s2.features(lr_up, pri, neighbours=True)

@@ -80,9 +80,11 @@ def test_prepare_directory(tmp_path):
     r = np.array(rows)[order]
     np.testing.assert_array_equal(tr[schema.HR][r[0], 1], tr[schema.HR][r[1], 0])
     np.testing.assert_array_equal(tr["lr_x2"][r[0], 1], tr["lr_x2"][r[1], 0])
-    # z-score over the head: mean ~ 0 on head voxels of the kept slab
+    # intensity contract (pgasr.intensity): HR-volume stats, and the LR-volume stats per scale
     sub = man["subjects"][tr["subject"][0]]
-    assert sub["std"] > 0 and sub["n_slices"] == 8 and sub["slice_offset"] == 6
+    assert sub["hr_norm"]["scale"] > 0 and set(sub["lr_norm"]) == {"2", "4"}
+    assert sub["n_slices"] == 8 and sub["slice_offset"] == 6
+    assert tr["lr_norm_x2"].shape[1:] == (2,) and np.all(tr["lr_norm_x2"][:, 1] > 0)
     # shards hold at most rows_per_shard rows
     for f in (res.out_dir / "train").glob("*.parquet"):
         assert pq.read_metadata(f).num_rows <= 10
@@ -136,3 +138,77 @@ def test_missing_source(tmp_path):
     cfg = _cfg(tmp_path, **{"data.source": str(tmp_path / "empty")})
     with pytest.raises(ValueError, match="no IXI T2"):
         prepare(cfg, progress=False)
+
+
+# --------------------------------------------------------------------------- owned output (#17)
+
+
+def test_prepare_never_replaces_a_directory_it_did_not_write(tmp_path):
+    _write_cohort(tmp_path / "ixi")
+    out = tmp_path / "prep"
+    out.mkdir()
+    (out / "thesis.txt").write_text("years of work")
+    with pytest.raises(ValueError, match="did not write"):
+        prepare(_cfg(tmp_path), progress=False, force=True)  # --force does not override it
+    assert (out / "thesis.txt").read_text() == "years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ixi", "prep"]  # no temp dir left
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    with pytest.raises(ValueError, match="not a directory"):
+        prepare(_cfg(tmp_path, **{"data.prepared_dir": str(f)}), progress=False)
+    assert f.read_text() == "mine"
+
+
+def test_prepare_uses_an_empty_dir_and_replaces_its_own_output(tmp_path):
+    _write_cohort(tmp_path / "ixi")
+    (tmp_path / "prep").mkdir()
+    cfg = _cfg(tmp_path)
+    with pytest.warns(UserWarning):
+        prepare(cfg, progress=False)
+    with pytest.warns(UserWarning):
+        res = prepare(cfg, progress=False, force=True)
+    assert not res.reused and (res.out_dir / schema.MANIFEST).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ixi", "prep"]
+
+
+def test_prepare_leaves_a_concurrent_runs_temp_dir_alone(tmp_path):
+    """Another prepare of the same --out is writing its temp dir (the old fixed name
+    ``.prep.tmp``, which every run used to rmtree on start): this run must not touch it."""
+    _write_cohort(tmp_path / "ixi")
+    other = tmp_path / ".prep.tmp"
+    (other / "train").mkdir(parents=True)
+    (other / "train" / "part-00000.parquet").write_bytes(b"the other run's rows")
+    with pytest.warns(UserWarning):
+        res = prepare(_cfg(tmp_path), progress=False)
+    assert (other / "train" / "part-00000.parquet").read_bytes() == b"the other run's rows"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".prep.tmp", "ixi", "prep"]
+    assert sum(json.loads((res.out_dir / schema.MANIFEST).read_text())["rows"].values()) > 0
+
+
+def test_two_concurrent_prepares_each_publish_a_complete_directory(tmp_path):
+    import threading
+    import warnings
+
+    _write_cohort(tmp_path / "ixi")
+    cfgs = [_cfg(tmp_path), _cfg(tmp_path, **{"data.slices_per_volume": 6})]
+    errors: list[BaseException] = []
+
+    def run(cfg):
+        try:
+            prepare(cfg, progress=False, force=True)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        threads = [threading.Thread(target=run, args=(c,)) for c in cfgs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    man = json.loads((tmp_path / "prep" / schema.MANIFEST).read_text())
+    rows = {s: len(read_split(tmp_path / "prep", s)[schema.HR]) for s in man["rows"]
+            if man["rows"][s]}
+    assert rows == {s: n for s, n in man["rows"].items() if n}  # shards match their manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ixi", "prep"]

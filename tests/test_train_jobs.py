@@ -60,3 +60,53 @@ def test_refuses_to_resume_a_run_with_another_config(tmp_path):
     other = tiny_cfg(tmp_path, "model.n_z=8")
     with pytest.raises(SystemExit, match="different config"):
         _check_same_run(run, other, 1)
+
+
+class _FakeRayCheckpoint:
+    """What ``run_stage`` uses of ``ray.train.Checkpoint``: ``as_directory`` and ``path``."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def as_directory(self):
+        from contextlib import nullcontext
+
+        return nullcontext(self.path)
+
+
+def test_run_stage_exports_only_over_its_own_checkpoint(tmp_path, monkeypatch):
+    """No Ray: the trainer is faked. A foreign ``out`` is refused before training (issue #17);
+    an earlier exported checkpoint is replaced by a verified copy."""
+    import types
+
+    import torch
+
+    import jobs.common
+    import jobs.train_stage as ts
+    from pgasr.checkpoint import save_checkpoint
+
+    cfg = tiny_cfg(tmp_path)
+    src = save_checkpoint(tmp_path / "ray" / "checkpoint_000001", stage=1,
+                          modules={"model": torch.nn.Linear(2, 2)}, cfg=cfg,
+                          meta={"epoch": 1, "metrics": {"val_psnr": 3.0}})
+    fits: list[int] = []
+
+    class Trainer:
+        def fit(self):
+            fits.append(1)
+            return types.SimpleNamespace(checkpoint=_FakeRayCheckpoint(src), error=None,
+                                         metrics={"val_psnr": 3.0})
+
+    monkeypatch.setattr(jobs.common, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(ts, "make_trainer", lambda *a, **k: Trainer())
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    with pytest.raises(ValueError, match="did not write"):
+        ts.run_stage(1, cfg, out=mine)
+    assert (mine / "thesis.txt").read_text() == "years of work" and fits == []
+    first = ts.run_stage(1, cfg)
+    again = ts.run_stage(1, cfg)
+    assert first == again == Path(cfg.run_dir) / "stage1" and len(fits) == 2
+    assert load_checkpoint(again).meta["metrics"]["val_psnr"] == 3.0
+    assert sorted(p.name for p in Path(cfg.run_dir).iterdir()) == ["stage1", "stage1.json"]

@@ -293,3 +293,42 @@ def test_sweep_resumes_after_driver_is_killed(tiny_sweep, ray_session, capsys):
     new = _events(cache)[n_events:]
     assert new and all(e["event"] == "cached" for e in new)  # stage 1 came from the cache
     assert Path(summary["best"]["checkpoint"]).is_dir()
+
+
+def test_pick_best_ignores_non_finite_metrics():
+    """A diverged trial (NaN/inf validation PSNR) never becomes the exported best (#17)."""
+    rows = [{"trial_id": t, "val_psnr": v, "checkpoint_path": f"/ck/{t}"} for t, v in
+            [("nan", float("nan")), ("inf", float("inf")), ("ok", 20.0), ("low", 10.0),
+             ("none", None), ("-inf", float("-inf"))]]
+    assert sweep.pick_best(rows, "val_psnr", "max")["trial_id"] == "ok"
+    assert sweep.pick_best(rows, "val_psnr", "min")["trial_id"] == "low"
+    assert sweep.pick_best(rows[:2], "val_psnr", "max") is None
+
+
+def test_export_best_never_replaces_foreign_content(tmp_path):
+    """No Ray cluster: the best trial's checkpoint is a local directory (#17)."""
+    import torch
+
+    from pgasr.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = load_config(CONFIG, [f"run_dir={tmp_path}/runs", "model.acg=false"])
+    m = torch.nn.Linear(2, 2)
+    trial = save_checkpoint(tmp_path / "trial" / "checkpoint", stage=2, modules={"model": m},
+                            cfg=cfg, train_state={"step": 1})
+    paths = sweep.Paths(out=tmp_path / "tune", cache=tmp_path / "cache",
+                        best_config=tmp_path / "best.yaml", best_checkpoint=tmp_path / "best",
+                        storage=str(tmp_path / "ray"), name="t")
+    best = {"trial_id": "t1", "beta": 0.25, "alpha1": 0.1, "alpha2": 0.2, "epochs_done": 1,
+            cfg.tune.metric: 20.0, "checkpoint_path": str(trial)}
+    stage1 = {sweep._bkey(0.25): {"path": str(trial)}}
+    paths.best_checkpoint.mkdir()
+    (paths.best_checkpoint / "thesis.txt").write_text("years of work")
+    with pytest.raises(ValueError, match="did not write"):
+        sweep.export_best(cfg, best, stage1, paths)
+    assert (paths.best_checkpoint / "thesis.txt").read_text() == "years of work"
+    (paths.best_checkpoint / "thesis.txt").unlink()
+    sweep.export_best(cfg, best, stage1, paths)
+    sweep.export_best(cfg, best, stage1, paths)  # over its own earlier export
+    assert load_checkpoint(paths.best_checkpoint).stage == 2
+    assert not (paths.best_checkpoint / "train_state.pt").exists()
+    assert (tmp_path / "best.yaml").is_file()

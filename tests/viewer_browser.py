@@ -144,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     (tmp / "keys").chmod(0o600)
     app = build_app({"overrides": [f"serve.checkpoint={a.checkpoint}", "serve.api_keys_env=",
                                    f"serve.api_keys_file={tmp / 'keys'}",
-                                   "serve.min_replicas=1", "serve.max_replicas=1"]})
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                                   "serve.min_replicas=1", "serve.max_replicas=1",
+                                   # local caps: the Ray memory reservation follows them
+                                   f"serve.max_body_bytes={256 * 2**20}",
+                                   f"serve.max_voxels={256**3}"]})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(root)}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": a.port})

@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -63,7 +62,7 @@ from pgasr.config import (  # noqa: E402
     config_to_dict,
     load_config,
 )
-from pgasr.provenance import atomic_write_text  # noqa: E402
+from pgasr.provenance import CHECKPOINT_MARKER, atomic_write_text, check_replaceable  # noqa: E402
 
 log = logging.getLogger("pgasr.tune")
 
@@ -820,10 +819,20 @@ def plot(rows: list[dict], path: Path, metric: str, epochs: int, best: dict | No
 
 
 def pick_best(rows: list[dict], metric: str, mode: str) -> dict | None:
-    ok = [r for r in rows if r.get(metric) is not None and r.get("checkpoint_path")]
+    """The trial with the best finite ``metric`` that left a checkpoint (None if none did):
+    a diverged trial's NaN/inf metric never wins."""
+    ok = [r for r in rows if _finite(r.get(metric)) and r.get("checkpoint_path")]
     if not ok:
         return None
     return (max if mode == "max" else min)(ok, key=lambda r: r[metric])
+
+
+def _finite(value) -> bool:
+    """Whether ``value`` is a finite real number."""
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def export_best(cfg: RunConfig, best: dict, stage1: dict[str, dict], paths: Paths) -> RunConfig:
@@ -832,20 +841,13 @@ def export_best(cfg: RunConfig, best: dict, stage1: dict[str, dict], paths: Path
     import ray.train
     import yaml
 
-    from pgasr.checkpoint import load_checkpoint
+    from pgasr.checkpoint import publish_checkpoint
 
     dest = paths.best_checkpoint
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
-    try:
-        ray.train.Checkpoint(best["checkpoint_path"]).to_directory(str(tmp / "ckpt"))
-        (tmp / "ckpt" / "train_state.pt").unlink(missing_ok=True)  # optimiser state: not served
-        load_checkpoint(tmp / "ckpt")  # refuse to publish something Predictor cannot read
-        if dest.exists():
-            shutil.rmtree(dest)
-        (tmp / "ckpt").rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # Verified copy renamed in; only an earlier exported checkpoint (or an empty dir) is
+    # replaced, anything else at tune.best_checkpoint raises ForeignDirectoryError.
+    with ray.train.Checkpoint(best["checkpoint_path"]).as_directory() as d:
+        publish_checkpoint(d, dest, keep_train_state=False)  # optimiser state: not served
     best_cfg = with_point(cfg, best, {k: v["path"] for k, v in stage1.items()})
     best_cfg.serve.checkpoint = str(dest)
     header = (f"# Best trial of sweep {paths.name} ({paths.experiment}), written by "
@@ -907,6 +909,8 @@ def run_sweep(cfg: RunConfig, address: str | None = None, resume: bool = False) 
     if resume and not can:
         print(f"nothing to resume at {paths.experiment}: starting a new sweep", flush=True)
     restore = resume and can
+    # The best trial is exported there at the end: refuse foreign content now, not after it.
+    check_replaceable(paths.best_checkpoint, CHECKPOINT_MARKER)
 
     init_ray(address, cfg)
     if cfg.tune.prepare:
@@ -991,13 +995,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; user errors are one line on stderr and exit status 2."""
+    from jobs.common import RayConnectionError
+
     p = parser()
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         check_config(cfg)  # fail before touching the cluster
         summary = run_sweep(cfg, args.address, resume=args.resume)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, RayConnectionError) as e:
         if os.environ.get("PGASR_DEBUG"):
             raise
         print(f"{p.prog}: error: {e}", file=sys.stderr)

@@ -18,7 +18,7 @@ import torch
 from pgasr.data import schema
 
 __all__ = ["read_split", "iter_batches", "stage1_batch", "stage2_batch", "split_files",
-           "random_crop"]
+           "random_crop", "to_lr_units"]
 
 
 def random_crop(rows: Mapping[str, np.ndarray], crop: int, rng: np.random.Generator
@@ -81,18 +81,40 @@ def stage1_batch(rows: Mapping[str, np.ndarray], need_prior: bool = True) -> dic
     return {"hr": _t(hr), "prior_hr": _t(prior[:, 1:2])}
 
 
+def to_lr_units(rows: Mapping[str, np.ndarray], scale: int) -> dict[str, np.ndarray]:
+    """``hr`` and ``lr_x{scale}`` mapped into the model units of the scale's LR volume.
+
+    Each row carries ``lr_norm_x{scale}`` = (offset, scale) of its subject's LR volume in the
+    stored (HR-volume) units; the result is ``(x - offset) / scale`` for both images, the
+    same map ``pgasr sr`` derives from an LR volume (``pgasr.intensity``). Rows without the
+    column (data prepared before the contract) are returned unchanged.
+    """
+    name = schema.lr_norm_column(scale)
+    if name not in rows:
+        return dict(rows)
+    norm = np.asarray(rows[name], dtype=np.float32).reshape(-1, 2)
+    out = dict(rows)
+    for col in (schema.HR, schema.lr_column(scale)):
+        if col in rows:
+            x = np.asarray(rows[col], dtype=np.float32)
+            shape = (-1,) + (1,) * (x.ndim - 1)
+            out[col] = (x - norm[:, 0].reshape(shape)) / norm[:, 1].reshape(shape)
+    return out
+
+
 def stage2_batch(
     rows: Mapping[str, np.ndarray], scale: int, need_prior: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Stage 2 batch of triplets (channel 1 = centre slice t).
+    """Stage 2 batch of triplets (channel 1 = centre slice t), in the LR volume's units.
 
     Returns ``{"hr": (B,3,H,W), "lr": (B,3,H/s,W/s), "prior_lr": (B,3,H,W), "prior_hr":
     (B,3,H,W)}``.
     """
-    hr = np.asarray(rows[schema.HR])
     lr_name = schema.lr_column(scale)
     if lr_name not in rows:
         raise KeyError(f"column {lr_name!r} missing: data was prepared without scale {scale}")
+    rows = to_lr_units(rows, scale)
+    hr = np.asarray(rows[schema.HR])
     return {
         "hr": _t(hr),
         "lr": _t(np.asarray(rows[lr_name])),

@@ -28,12 +28,22 @@ from tqdm.auto import tqdm
 from pgasr.config import RunConfig, config_to_dict, dump_config
 from pgasr.data import schema
 from pgasr.data.degradation import degrade, slice_rng
-from pgasr.data.ixi import canonical, iter_sources, load_nifti_bytes, sha256_bytes
-from pgasr.provenance import atomic_write_text, provenance, replace_dir, sha256_json
+from pgasr.data.ixi import canonical, image_to_bytes, iter_sources, load_nifti_bytes, sha256_bytes
+from pgasr.intensity import CONTRACT, intensity_stats
+from pgasr.volume import rescale_affine
+from pgasr.provenance import (
+    PREPARED_MARKER, atomic_write_text, check_replaceable, provenance, replace_dir, sha256_json,
+    temp_dir_for,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PrepareResult", "crop_or_pad", "prepare", "split_subjects", "volume_to_slices"]
+__all__ = ["PrepareResult", "crop_affine", "crop_or_pad", "degrade_volume_slices", "prepare",
+           "split_subjects", "volume_to_slices", "LR_VOLUMES"]
+
+#: Sub-directory of a prepared directory with the test subjects' HR and LR volumes
+#: (``{subject}_hr.nii.gz``, ``{subject}_lr_x{s}.nii.gz``) on the grid the model sees.
+LR_VOLUMES = "volumes"
 
 
 @dataclass
@@ -105,49 +115,56 @@ def crop_or_pad(vol: np.ndarray, size: int, fill: float) -> np.ndarray:
 
 
 def volume_to_slices(vol: np.ndarray, cfg: RunConfig) -> dict:
-    """Normalise one canonical volume and pick its central slices.
+    """Crop/pad one canonical volume, compute its intensity statistics, pick central slices.
 
     Args:
-        vol: (X, Y, Z) float32 volume in RAS+ orientation.
+        vol: (X, Y, Z) float32 volume in RAS+ orientation, source units.
         cfg: run config (``data.size``, ``data.slices_per_volume``, ``data.head_threshold``).
 
     Returns:
-        dict with ``slices`` ((n + 2, size, size) float32 z-scored: the kept slices plus one
+        dict with ``volume`` ((size, size, Z) float32 source units, the grid the model sees),
+        ``stats`` (:class:`~pgasr.intensity.IntensityStats` of that HR volume), ``slices``
+        ((n + 2, size, size) float32 in the HR volume's model units: the kept slices plus one
         neighbour each side, edge-replicated), ``volume_index`` (the (n + 2,) source slice
-        indices), ``n`` kept slices, ``offset`` (first kept slice), ``mean``, ``std``.
+        indices), ``n`` kept slices, ``offset`` (first kept slice).
     """
     d = cfg.data
     if not np.isfinite(vol).all():
         raise ValueError("volume contains NaN or inf voxels")
-    vol = crop_or_pad(vol, d.size, fill=float(vol.min()))
-    p99 = float(np.percentile(vol, 99))
-    head = vol > d.head_threshold * p99
-    if head.sum() < 16:
-        raise ValueError("volume is empty (no voxels above the head threshold)")
-    mean, std = float(vol[head].mean()), float(vol[head].std())
-    if std <= 0:
-        raise ValueError("volume has zero variance inside the head")
+    vol = crop_or_pad(np.asarray(vol, dtype=np.float32), d.size, fill=float(vol.min()))
+    stats = intensity_stats(vol, d.head_threshold)
     z_total = vol.shape[2]
     n = min(d.slices_per_volume, z_total)
     offset = (z_total - n) // 2
     index = np.clip(np.arange(offset - 1, offset + n + 1), 0, z_total - 1)
-    slices = ((vol[:, :, index] - mean) / std).astype(np.float32)  # (X, Y, n + 2)
+    slices = stats.normalise(vol[:, :, index])  # (X, Y, n + 2)
     slices = np.ascontiguousarray(np.moveaxis(slices, 2, 0))  # (n + 2, X, Y)
-    return {"slices": slices, "volume_index": index, "n": n, "offset": offset,
-            "mean": mean, "std": std}
+    return {"volume": vol, "stats": stats, "slices": slices, "volume_index": index, "n": n,
+            "offset": offset}
 
 
-def degrade_stack(
-    slices: np.ndarray, volume_index: np.ndarray, subject: str, scale: int, cfg: RunConfig
-) -> np.ndarray:
-    """LR of every slice in a stack, each seeded by (seed, subject, source slice, scale)."""
-    out = np.empty(
-        (len(slices), slices.shape[1] // scale, slices.shape[2] // scale), dtype=np.float32
-    )
-    for i, (s, k) in enumerate(zip(slices, volume_index)):
-        rng = slice_rng(cfg.degradation.seed, subject, int(k), scale)
-        out[i] = degrade(s, scale, rng, cfg.degradation)
+def degrade_volume_slices(vol: np.ndarray, subject: str, scale: int, cfg: RunConfig) -> np.ndarray:
+    """LR of every axial slice of an (X, Y, Z) volume, each seeded by (seed, subject, slice,
+    scale); returns (X / scale, Y / scale, Z) float32 in the volume's units. The degradation
+    is equivariant under affine intensity maps, so its LR in model units equals the LR of the
+    normalised slices."""
+    x, y, z = vol.shape
+    out = np.empty((x // scale, y // scale, z), dtype=np.float32)
+    for k in range(z):
+        rng = slice_rng(cfg.degradation.seed, subject, k, scale)
+        out[:, :, k] = degrade(vol[:, :, k], scale, rng, cfg.degradation)
     return out
+
+
+def crop_affine(affine: np.ndarray, source_shape: tuple[int, ...], size: int) -> np.ndarray:
+    """Affine of :func:`crop_or_pad`'s output grid (the first voxel moves by the crop / pad)."""
+    a = np.asarray(affine, dtype=np.float64).copy()
+    shift = np.zeros(3)
+    for axis in (0, 1):
+        n = source_shape[axis]
+        shift[axis] = (n - size) // 2 if n > size else -((size - n) // 2)
+    a[:3, 3] = a[:3, 3] + a[:3, :3] @ shift
+    return a
 
 
 # --------------------------------------------------------------------------- writer
@@ -229,6 +246,7 @@ def _fingerprint(cfg: RunConfig, source: Path) -> str:
         "degradation": config_to_dict(cfg.degradation),
         "source": listing,
         "synth": config_to_dict(cfg.synth) if cfg.data.source == "synthetic" else None,
+        "intensity": CONTRACT,
     })
 
 
@@ -253,8 +271,13 @@ def prepare(
     A prepared directory whose manifest fingerprint matches the config and the input listing
     is reused (returns ``reused=True``) unless ``force``.
 
+    The output directory is replaced only when it is absent, empty, or a prepared directory
+    (its ``manifest.json`` has a ``fingerprint``); ``force`` does not change that.
+
     Raises:
         FileNotFoundError / ValueError: missing source, bad split, or no readable volume.
+        pgasr.provenance.ForeignDirectoryError: the output path holds other files (nothing is
+            written or deleted).
     """
     source = resolve_source(cfg, progress)
     out = Path(out_dir or cfg.data.prepared_dir)
@@ -279,10 +302,10 @@ def prepare(
                            cfg.data.val_subjects, cfg.data.test_subjects, cfg.data.split_seed)
     split_of = {s: name for name, subs in split.items() for s in subs}
 
-    tmp = out.parent / f".{out.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    # Only an absent/empty dir or one this function wrote (manifest.json) is ever replaced;
+    # each run writes into its own uniquely named temp dir, so concurrent runs never collide.
+    check_replaceable(out, PREPARED_MARKER)
+    tmp = temp_dir_for(out)
     writers = {name: _ShardWriter(tmp / name, cfg.data.rows_per_shard) for name in schema.SPLITS}
     subjects_meta: dict[str, dict] = {}
     skipped: list[dict] = []
@@ -311,20 +334,38 @@ def prepare(
                 continue
             seen.add(src.subject)
             n = v["n"]
+            hr_stats, idx = v["stats"], v["volume_index"]
             rows: dict = {
                 schema.SUBJECT: [src.subject] * n,
                 schema.SLICE: np.arange(n, dtype=np.int32),
                 schema.HR: np.stack([v["slices"][i : i + 3] for i in range(n)]),
             }
+            lr_norm: dict[str, dict] = {}
+            grid_affine = crop_affine(affine, vol.shape, cfg.data.size)
+            export = which == "test"
+            if export:
+                _write_volume(tmp / LR_VOLUMES / f"{src.subject}_hr.nii.gz", v["volume"],
+                              grid_affine)
             for scale in cfg.data.scales:
-                lr = degrade_stack(v["slices"], v["volume_index"], src.subject, scale, cfg)
+                lr_vol = degrade_volume_slices(v["volume"], src.subject, scale, cfg)
+                lr_stats = intensity_stats(lr_vol, cfg.data.head_threshold)
+                rel = lr_stats.relative_to(hr_stats)
+                lr = np.moveaxis(hr_stats.normalise(lr_vol[:, :, idx]), 2, 0)  # (n + 2, h, w)
                 rows[schema.lr_column(scale)] = np.stack([lr[i : i + 3] for i in range(n)])
+                rows[schema.lr_norm_column(scale)] = np.tile(rel.as_array(), (n, 1))
+                lr_norm[str(scale)] = lr_stats.to_dict()
+                if export:
+                    _write_volume(tmp / LR_VOLUMES / f"{src.subject}_lr_x{scale}.nii.gz", lr_vol,
+                                  rescale_affine(grid_affine, scale))
             writers[which].add(rows)
             kept = v["slices"][1 : n + 1]
             subjects_meta[src.subject] = {
                 "split": which, "file": src.name, "sha256": sha256_bytes(raw),
-                "mean": v["mean"], "std": v["std"], "n_slices": n, "slice_offset": v["offset"],
+                "hr_norm": hr_stats.to_dict(), "lr_norm": lr_norm,
+                "n_slices": n, "slice_offset": v["offset"],
                 "source_shape": list(vol.shape), "affine": np.asarray(affine).tolist(),
+                "grid_affine": grid_affine.tolist(),
+                "voxel_size": [float(x) for x in np.linalg.norm(grid_affine[:3, :3], axis=0)],
                 "hr_min": float(kept.min()), "hr_max": float(kept.max()),
             }
         for w in writers.values():
@@ -343,6 +384,7 @@ def prepare(
             "scales": list(cfg.data.scales),
             "size": cfg.data.size,
             "slices_per_volume": cfg.data.slices_per_volume,
+            "intensity": CONTRACT,
             "config": config_to_dict(cfg),
             **provenance(),
         }
@@ -352,8 +394,35 @@ def prepare(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     # Swap into place only now: an existing prepared dir survives any failure above.
-    replace_dir(tmp, out)
+    try:
+        replace_dir(tmp, out, PREPARED_MARKER)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename
     return PrepareResult(out, rows=manifest["rows"], subjects=final_split, skipped=skipped)
+
+
+def _write_volume(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    path.write_bytes(image_to_bytes(img, gz=True))
+
+
+def data_meta(prepared_dir: str | Path) -> dict:
+    """What a checkpoint records about its training grid and units: the HR voxel size (mm)
+    of the prepared volumes and the intensity contract (:mod:`pgasr.intensity`)."""
+    p = Path(prepared_dir) / schema.MANIFEST
+    if not p.is_file():
+        return {}
+    man = json.loads(p.read_text())
+    sizes = [s["voxel_size"] for s in man.get("subjects", {}).values() if "voxel_size" in s]
+    out = {"intensity": man.get("intensity")}
+    if sizes:
+        out["voxel_size"] = [float(x) for x in np.median(np.asarray(sizes), axis=0)]
+    return out
 
 
 def load_manifest(prepared_dir: str | Path) -> dict:

@@ -19,10 +19,19 @@ column         dtype       shape                  meaning
 =============  ==========  =====================  =======================================
 subject        string      -                      IXI subject id, e.g. ``IXI002``
 slice          int32       -                      index of the centre slice in the kept 80
-hr             float32     (3, H, W)              z-scored HR triplet
+hr             float32     (3, H, W)              HR triplet in the HR volume's units
 lr_x2          float32     (3, H/2, W/2)          degraded LR triplet at x2 (if configured)
 lr_x4          float32     (3, H/4, W/4)          degraded LR triplet at x4 (if configured)
+lr_norm_x2     float32     (2,)                   (offset, scale) of the x2 LR volume
+lr_norm_x4     float32     (2,)                   (offset, scale) of the x4 LR volume
 =============  ==========  =====================  =======================================
+
+Units (``pgasr.intensity``): ``hr`` and ``lr_x{s}`` are stored in the model units of the HR
+volume's own statistics (background 0, head mean 1), which is what stage 1 trains on.
+``lr_norm_x{s}`` holds the statistics of the whole LR volume at scale ``s`` expressed in those
+units; a stage-2 batch at scale ``s`` maps ``hr`` and ``lr_x{s}`` with it
+(``pgasr.data.batches.to_lr_units``), so training sees exactly what inference computes from an
+LR volume.
 
 Columns added by the priors job (``jobs/priors.py``), all float16 in [0, 1] on the HR grid:
 
@@ -49,6 +58,11 @@ HR = "hr"
 def lr_column(scale: int) -> str:
     """Name of the LR triplet column for an SR factor."""
     return f"lr_x{int(scale)}"
+
+
+def lr_norm_column(scale: int) -> str:
+    """Name of the per-row LR-volume intensity statistics column for an SR factor."""
+    return f"lr_norm_x{int(scale)}"
 
 
 def prior_hr_column() -> str:

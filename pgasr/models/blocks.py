@@ -18,6 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+#: Border handling of the generator's convolutions (``model.padding``, :func:`set_padding`).
+PADDING_MODES = ("zeros", "replicate", "reflect")
+
 
 def num_groups(channels: int, max_groups: int = 32) -> int:
     """Largest group count <= ``max_groups`` that divides ``channels`` (GroupNorm needs one)."""
@@ -71,7 +74,7 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 conv with taming's asymmetric (0, 1, 0, 1) padding.
+    """Stride-2 3x3 conv with taming's asymmetric (0, 1, 0, 1) padding (``pad_mode``).
 
     Shapes: (B, C, H, W) -> (B, C, H/2, W/2); H and W must be even (the models pad inputs to a
     multiple of the latent factor first).
@@ -80,11 +83,12 @@ class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.pad_mode = "constant"  # F.pad mode; set_padding changes it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] % 2 or x.shape[-1] % 2:
             raise ValueError(f"Downsample needs even H, W, got {tuple(x.shape[-2:])}")
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode=self.pad_mode))
 
 
 class Upsample(nn.Module):
@@ -99,6 +103,24 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def set_padding(module: nn.Module, mode: str) -> nn.Module:
+    """Set the border padding of every padded convolution in ``module`` (in place).
+
+    ``zeros`` is PyTorch's default; ``replicate`` / ``reflect`` continue the image at its
+    border, so a uniform background stays uniform up to the edge (zero padding puts a value
+    there that the image does not have: a frame along the border of the output). Weights are
+    unaffected, so a checkpoint loads under any mode. See docs/model.md ("Padding").
+    """
+    if mode not in PADDING_MODES:
+        raise ValueError(f"model.padding must be one of {PADDING_MODES}, got {mode!r}")
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d) and any(p > 0 for p in m.padding):
+            m.padding_mode = mode
+        elif isinstance(m, Downsample):
+            m.pad_mode = "constant" if mode == "zeros" else mode
+    return module
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "replicate") -> torch.Tensor:

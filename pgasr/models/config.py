@@ -30,6 +30,10 @@ class ModelConfig:
     decoder_channels: int = 48
     disc_channels: int = 32
     disc_layers: int = 3
+    # Border padding of the generator's 3x3 convs: zeros | replicate | reflect. zeros learned
+    # best at the CPU budget (docs/model.md, "Padding"); the border frame it leaves in the
+    # background is removed by inference.background.
+    padding: str = "zeros"
     acg: bool = True  # prior channel in the input (Table 2 "ACG")
     scab: bool = True  # spatial cross-attention block in stage 2 (Table 2 "SCAB")
     # "concat": SCAB keys/values are the tokens of both neighbours (t-1 and t+1);

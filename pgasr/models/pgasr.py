@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pgasr.models.blocks import pad_to_multiple
+from pgasr.models.blocks import pad_to_multiple, set_padding
 from pgasr.models.config import ModelConfig
 from pgasr.models.decoder import Decoder
 from pgasr.models.discriminator import Discriminator
@@ -137,6 +137,7 @@ class Stage1Model(nn.Module):
 def build_stage1(cfg) -> tuple[Stage1Model, Discriminator]:
     """Stage-1 model (Ê, Z, G) and discriminator D from a RunConfig."""
     model = Stage1Model(cfg.model, cfg.stage1.dead_code_restart, cfg.stage1.dead_code_after)
+    set_padding(model, cfg.model.padding)
     disc = Discriminator(1, cfg.model.disc_channels, cfg.model.disc_layers)
     return model, disc
 
@@ -395,7 +396,7 @@ def build_stage2(cfg, stage1_model: nn.Module) -> Stage2Model:
     )
     if init == "stage1":  # E starts as a trainable copy of Ê (Ê itself stays frozen)
         model.encoder.load_state_dict(s1.encoder_hat.state_dict())
-    return model
+    return set_padding(model, cfg.model.padding)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

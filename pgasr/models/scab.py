@@ -22,6 +22,8 @@ class SCAB(nn.Module):
         mode: "concat" (keys/values = tokens of both context maps) or "literal" (keys from
             context 0, values from context 1).
 
+    Both residual branches end in zero-initialised projections: a fresh SCAB returns ``z``.
+
     Edge members of a triplet (t-1, t+1) have one neighbour only (t); callers pass it twice.
     In "concat" mode duplicating every key/value leaves softmax attention unchanged, so that is
     exactly attention over the one available neighbour.
@@ -40,6 +42,11 @@ class SCAB(nn.Module):
         self.attn = WindowAttention(dim, num_heads, window_size, shift=False, cross=mode)
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = SGFN(dim, int(dim * mlp_ratio))
+        # Zero-initialised residual outputs: a fresh SCAB is the identity, so a stage 2 whose
+        # E starts as a copy of Ê starts exactly at Ê's codes (and its SR at stage 1's).
+        for layer in (self.attn.proj, self.ffn.fc2):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Args:
