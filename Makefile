@@ -44,7 +44,7 @@ demo: $(STAMP)
 	$(PY) jobs/pipeline.py --config configs/demo.yaml
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not ray and not slow" $(PYTEST_ARGS)

@@ -109,7 +109,10 @@ def main() -> None:
                  "serve.api_keys_env=", "serve.min_replicas=1", "serve.max_replicas=1",
                  f"serve.cpus_per_replica={a.cpus}", f"serve.gpus_per_replica={a.gpus}",
                  f"serve.max_ongoing_requests={max(8, conc)}", f"serve.max_batch_size={conc}",
-                 f"serve.max_slice_pixels={a.size * a.size}"]
+                 f"serve.max_slice_pixels={a.size * a.size}",
+                 # caps sized to the workload: the replica's Ray memory reservation follows them
+                 f"serve.max_voxels={a.size * a.size * a.slices}",
+                 f"serve.max_body_bytes={64 * 2**20}"]
     app = build_app({"overrides": overrides})
     app2 = build_app({"overrides": [*overrides, "serve.min_replicas=2", "serve.max_replicas=2"]})
 
@@ -129,14 +132,14 @@ def main() -> None:
     vol_bytes = image_to_bytes(img)
 
     from pgasr.inference import normalise_volume
-    from serve.app import decode_nifti
+    from serve.decoding import Limits, decode_nifti
 
     def trip(s):
         z, _, _ = normalise_volume(np.stack([s, s, s], axis=2), pred.cfg.data.head_threshold)
         return np.moveaxis(z, 2, 0)
 
     def direct_vol_io():
-        out = pred.predict_image(decode_nifti(vol_bytes, 10**9), scale)
+        out = pred.predict_image(decode_nifti(vol_bytes, Limits(max_voxels=10**9)), scale)
         image_to_bytes(out)
 
     # logical CPUs for three replicas (1 + 2) and the proxy; only the busy ones use cores

@@ -57,7 +57,8 @@ class Client:
 
     Args:
         url: base URL of the service.
-        api_key: sent as ``X-API-Key``; None for a service started with allow_no_auth.
+        api_key: sent as ``X-API-Key`` to ``url`` only (never along a redirect); None for a
+            service started with allow_no_auth.
         timeout: seconds per request (a large volume on CPU can take minutes).
     """
 
@@ -77,7 +78,9 @@ class Client:
         url = self.url + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
         req = urllib.request.Request(url, data=body, method=method)
         if self.api_key:
-            req.add_header("X-API-Key", self.api_key)
+            # unredirected: urllib copies ordinary headers onto a redirect's request, which
+            # would hand the key to whatever host the Location names
+            req.add_unredirected_header("X-API-Key", self.api_key)
         if content_type:
             req.add_header("Content-Type", content_type)
         if length is not None:

@@ -20,8 +20,9 @@ second hop for volumes that can be hundreds of MB). Routes (``docs/serve.md``):
 
 Every ``/v1`` route needs an API key (``X-API-Key`` or ``Authorization: Bearer``). Serve
 itself has no authentication and no body limit, so both are enforced here, before the body is
-read. Every input problem is a 4xx JSON ``{"error": code, "detail": reason}``; nothing from a
-request is ever used as a filesystem path.
+read. Input decoding and every limit on it live in :mod:`serve.decoding` (pure functions);
+this module maps their typed errors to JSON ``{"error": code, "detail": reason}``, and any
+other failure to a JSON 500. Nothing from a request is ever used as a filesystem path.
 """
 
 from __future__ import annotations
@@ -33,13 +34,12 @@ import hashlib
 import hmac
 import io
 import logging
-import math
 import os
 import sys
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -53,28 +53,50 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from pgasr.config import ConfigError, RunConfig, ServeConfig, config_from_dict, config_to_dict, load_config
+from serve.decoding import (
+    InputError,
+    Limits,
+    OutputError,
+    TooLarge,
+    check_content_length,
+    check_finite,
+    decode_nifti,
+    decode_slice,
+    extract_multipart,
+)
 
 log = logging.getLogger("pgasr.serve")
 
 __all__ = [
     "ApiError",
+    "JsonErrors",
     "KeyChecker",
     "PGASRServer",
+    "TooLarge",
     "build_app",
     "decode_nifti",
     "decode_slice",
+    "extract_multipart",
     "load_api_keys",
     "main",
+    "replica_memory_bytes",
 ]
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MIN_KEY_CHARS = 16
-NIFTI1_HEADER_BYTES = 348
-MAX_NIFTI_EXTENSION_BYTES = 16 * 1024 * 1024  # header extensions between byte 352 and vox_offset
-MAX_MULTIPART_PARTS = 16
-GZIP_MAGIC = b"\x1f\x8b"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-NPY_MAGIC = b"\x93NUMPY"
+WORKER_GRACE_S = 30.0  # a worker this long past its job's deadline is stuck (health check)
+GZIP_LEVEL = 6  # of the answer (.nii.gz), as pgasr.data.ixi.image_to_bytes
+RETRY_AFTER_S = 5  # Retry-After of a 503 "busy"
+
+# Ray `memory` of one replica (replica_memory_bytes): the process plus the buffers the caps
+# size. Per-voxel figures: numpy/Python peak of Service.run_volume under tracemalloc, 66-83 B
+# per input voxel at x2 (256x256x16, 128x128x64). Model activations of one chunk of
+# max_batch_size slices come on top and depend on the model (tiny test model, 16 slices of
+# 512x512 HR: +2.2 GiB): set serve.memory_per_replica for a real model.
+REPLICA_BASE_BYTES = 2**30  # Python, torch, the Ray worker, a small model (tiny: ~0.9 GB RSS)
+VOLUME_BYTES_PER_INPUT_VOXEL = 24  # decoded bytes + loaded array (<= 8 each) + 2 float32 copies
+VOLUME_BYTES_PER_OUTPUT_VOXEL = 16  # SR array, denormalised/reoriented copy, answer, slack
+SLICE_BYTES_PER_OUTPUT_PIXEL = 12  # per ongoing slice: SR, its denormalised copy, the .npy
 
 # Media types per route; a missing Content-Type is accepted and the body is sniffed.
 VOLUME_TYPES = {"application/octet-stream", "application/gzip", "application/x-gzip",
@@ -94,10 +116,6 @@ class ApiError(Exception):
         self.status, self.code, self.detail, self.headers = status, code, detail, headers
 
 
-class TooLarge(ValueError):
-    """The input is larger than a configured limit (answered 413)."""
-
-
 class Aborted(Exception):
     """The request's deadline passed or its client went away while it was computing."""
 
@@ -105,6 +123,52 @@ class Aborted(Exception):
 def _error(status: int, code: str, detail: str, headers: dict | None = None) -> JSONResponse:
     h = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", **(headers or {})}
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=h)
+
+
+def _map_compute_errors(e: BaseException) -> ApiError | None:
+    """The JSON answer of an error raised while handling a request (None: unexpected)."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, (InputError, OutputError)):
+        return ApiError(e.status, e.code, e.reason)
+    if isinstance(e, FloatingPointError):  # Predictor's own non-finite output check
+        return ApiError(500, OutputError.code, str(e))
+    if isinstance(e, Aborted):
+        return ApiError(408, "timeout", str(e))
+    if isinstance(e, ValueError):
+        return ApiError(422, "invalid_input", str(e))
+    return None
+
+
+class JsonErrors:
+    """ASGI middleware: an exception that escapes the routes and their handlers becomes a
+    logged JSON 500, never Starlette's or Serve's plain-text one. Only when the response has
+    already started is it re-raised (the connection is then cut)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as e:  # noqa: BLE001 - the point: nothing escapes as plain text
+            log.exception("unhandled error")
+            if started:
+                raise
+            answer = _map_compute_errors(e) or ApiError(
+                500, "internal", f"internal error ({type(e).__name__}; logged on the server)")
+            await _error(answer.status, answer.code, answer.detail, answer.headers)(
+                scope, receive, send)
 
 
 # --------------------------------------------------------------------------- API keys
@@ -189,267 +253,6 @@ class KeyChecker:
                            {"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
 
-# --------------------------------------------------------------------------- decoding
-
-
-def _nifti_needed_bytes(hdr_bytes: bytes, max_voxels: int) -> int:
-    """Validate a NIfTI-1 header and return the file size it implies (header + data).
-
-    Everything is decided from the 348 header bytes, before any voxel data is decompressed
-    or allocated. Raises :class:`TooLarge` (more voxels than ``max_voxels``) or ValueError.
-    """
-    import nibabel as nib
-
-    for order in ("<", ">"):
-        size = int(np.frombuffer(hdr_bytes[:4], dtype=f"{order}i4")[0])
-        if size == 540:
-            raise ValueError("NIfTI-2 files are not supported; save as NIfTI-1")
-        if size == NIFTI1_HEADER_BYTES:
-            break
-    else:
-        raise ValueError("not a NIfTI-1 file (bad header size field)")
-    try:
-        hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(hdr_bytes), check=False)
-        magic = bytes(hdr["magic"])
-        dim = [int(d) for d in hdr["dim"]]
-        dtype = hdr.get_data_dtype()
-        offset = int(hdr["vox_offset"]) if math.isfinite(float(hdr["vox_offset"])) else -1
-    except Exception as e:  # noqa: BLE001 - nibabel raises many types on bad headers
-        raise ValueError(f"unreadable NIfTI-1 header ({type(e).__name__}: {e})") from None
-    if magic.rstrip(b"\x00") != b"n+1":
-        raise ValueError("not a single-file NIfTI-1 image (magic is not 'n+1'; .hdr/.img "
-                         "pairs are not accepted)")
-    ndim = dim[0]
-    if not 1 <= ndim <= 7:
-        raise ValueError(f"invalid NIfTI header: dim[0]={ndim}")
-    shape = dim[1 : ndim + 1]
-    if any(d < 0 for d in shape):
-        raise ValueError(f"invalid NIfTI header: negative dimension in {shape}")
-    if any(d == 0 for d in shape):
-        raise ValueError(f"empty volume, shape {tuple(shape)}")
-    if ndim < 3 or any(d != 1 for d in shape[3:]):
-        raise ValueError(f"expected a 3-D volume (X, Y, slices), got shape {tuple(shape)}")
-    nvox = math.prod(shape)
-    if nvox > max_voxels:
-        raise TooLarge(f"volume of shape {tuple(shape)} has {nvox} voxels; the limit is "
-                       f"{max_voxels}")
-    if dtype.kind not in "biuf" or dtype.fields is not None:
-        raise ValueError(f"unsupported voxel type {dtype}")
-    if not NIFTI1_HEADER_BYTES <= offset <= 352 + MAX_NIFTI_EXTENSION_BYTES:
-        raise ValueError(f"invalid NIfTI header: vox_offset={hdr['vox_offset']}")
-    return offset + nvox * dtype.itemsize
-
-
-def _gunzip_nifti(data: bytes, max_voxels: int) -> bytes:
-    """Decompress a gzipped NIfTI-1 file, never producing more than its header implies.
-
-    The header is decompressed first and checked; then exactly the header + data bytes are
-    decompressed, so a gzip bomb or a header claiming a huge image costs at most the voxel
-    limit. Multi-member gzip streams are followed.
-    """
-    chunk = 1 << 16
-    out = bytearray()
-    limit = NIFTI1_HEADER_BYTES
-    need: int | None = None
-    src, pos, pending = data, 0, b""
-    d = zlib.decompressobj(wbits=31)
-    while True:
-        if need is None and len(out) >= NIFTI1_HEADER_BYTES:
-            need = limit = _nifti_needed_bytes(bytes(out[:NIFTI1_HEADER_BYTES]), max_voxels)
-        if len(out) >= limit:
-            return bytes(out[:limit])
-        if d.eof:
-            rest = d.unused_data + pending + src[pos:]
-            if rest[:2] != GZIP_MAGIC:
-                raise ValueError(f"file is shorter than its header says ({len(out)} of "
-                                 f"{limit} bytes)" if need else "too short to be a NIfTI-1 file")
-            d = zlib.decompressobj(wbits=31)
-            src, pos, pending = rest, 0, b""
-            continue
-        if pending:
-            piece, pending = pending, b""
-        elif pos < len(src):
-            piece, pos = src[pos : pos + chunk], pos + chunk
-        else:
-            raise ValueError("truncated gzip data")
-        try:
-            out += d.decompress(piece, limit - len(out))
-        except zlib.error as e:
-            raise ValueError(f"corrupt gzip data ({e})") from None
-        pending = d.unconsumed_tail
-
-
-def decode_nifti(data: bytes, max_voxels: int):
-    """Request bytes -> a validated 3-D NIfTI-1 image with its data in memory.
-
-    Raises:
-        TooLarge: more voxels than ``max_voxels``.
-        ValueError: anything else wrong (not NIfTI, truncated/corrupt gzip, 2-D, NaN/inf,
-            constant, non-invertible affine...), with the reason.
-    """
-    from pgasr.data.ixi import load_nifti_bytes
-    from pgasr.volume import check_volume
-
-    if len(data) == 0:
-        raise ValueError("empty request body")
-    if data[:2] == GZIP_MAGIC:
-        raw = _gunzip_nifti(data, max_voxels)
-    else:
-        if len(data) < NIFTI1_HEADER_BYTES:
-            raise ValueError(f"too short to be a NIfTI-1 file ({len(data)} bytes)")
-        need = _nifti_needed_bytes(data[:NIFTI1_HEADER_BYTES], max_voxels)
-        if len(data) < need:
-            raise ValueError(f"file is shorter than its header says ({len(data)} of {need} bytes)")
-        raw = data[:need]
-    try:
-        img = load_nifti_bytes(raw, "body")
-    except ValueError:
-        raise
-    except Exception as e:  # noqa: BLE001 - e.g. HeaderDataError for a NaN affine
-        raise ValueError(f"not a usable NIfTI-1 image ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]})") from None
-    check_volume(img.dataobj, "input", max_voxels)
-    aff = np.asarray(img.affine, dtype=np.float64)
-    if not np.isfinite(aff).all():
-        raise ValueError("the image's affine (qform/sform/pixdim) contains NaN or inf")
-    det = float(np.linalg.det(aff[:3, :3]))
-    if not math.isfinite(det) or abs(det) < 1e-12:
-        raise ValueError("the image's affine is not invertible (zero voxel size?)")
-    return img
-
-
-def _decode_npy(data: bytes, max_pixels: int) -> np.ndarray:
-    f = io.BytesIO(data)
-    try:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    except Exception as e:  # noqa: BLE001 - numpy raises ValueError/SyntaxError/...
-        raise ValueError(f"not a readable .npy array ({type(e).__name__}: {e})") from None
-    if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biuf":
-        raise ValueError(f"unsupported .npy dtype {dtype}; send float32")
-    _check_slice_shape(tuple(shape), max_pixels)
-    count = math.prod(shape)
-    start = f.tell()
-    if len(data) - start < count * dtype.itemsize:
-        raise ValueError(f".npy data is truncated ({len(data) - start} of "
-                         f"{count * dtype.itemsize} bytes)")
-    arr = np.frombuffer(data, dtype=dtype, count=count, offset=start)
-    return arr.reshape(shape, order="F" if fortran else "C").astype(np.float32)
-
-
-def _check_slice_shape(shape: tuple, max_pixels: int) -> None:
-    if len(shape) == 2:
-        h, w = shape
-    elif len(shape) == 3 and shape[0] == 3:
-        _, h, w = shape
-    else:
-        raise ValueError(f"expected a 2-D slice (h, w) or a triplet (3, h, w), got shape {shape}")
-    if h == 0 or w == 0:
-        raise ValueError(f"empty slice, shape {shape}")
-    if h * w > max_pixels:
-        raise TooLarge(f"slice of {h}x{w} = {h * w} pixels; the limit is {max_pixels}")
-
-
-def _decode_png(data: bytes, max_pixels: int) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        img = Image.open(io.BytesIO(data), formats=["PNG"])
-    except Image.DecompressionBombError as e:
-        raise TooLarge(f"PNG too large ({e})") from None
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"not a readable PNG ({type(e).__name__}: {e})") from None
-    w, h = img.size
-    _check_slice_shape((h, w), max_pixels)
-    if img.mode not in ("L", "I", "I;16", "I;16B", "I;16L", "F"):
-        raise ValueError(f"expected a grayscale PNG (8/16-bit), got mode {img.mode}")
-    try:
-        img.load()
-        return np.asarray(img, dtype=np.float32)
-    except Exception as e:  # noqa: BLE001 - truncated/corrupt PNG data
-        raise ValueError(f"corrupt or truncated PNG ({type(e).__name__}: {e})") from None
-
-
-def decode_slice(data: bytes, max_pixels: int) -> np.ndarray:
-    """``.npy`` or PNG bytes -> a float32 LR triplet (3, h, w).
-
-    A single 2-D slice becomes (slice, slice, slice), as the edge slices of a volume do in
-    :meth:`Predictor.predict_volume`.
-    """
-    if len(data) == 0:
-        raise ValueError("empty request body")
-    if data.startswith(NPY_MAGIC):
-        arr = _decode_npy(data, max_pixels)
-    elif data.startswith(PNG_MAGIC):
-        arr = _decode_png(data, max_pixels)
-    else:
-        raise ValueError("expected a .npy array or a PNG image")
-    if not np.isfinite(arr).all():
-        raise ValueError("slice contains NaN or inf pixels")
-    if arr.ndim == 2:
-        arr = np.stack([arr, arr, arr])
-    return np.ascontiguousarray(arr, dtype=np.float32)
-
-
-def extract_multipart(body: bytes, content_type: str, field: str = "file") -> bytes:
-    """The content of form field ``field`` (or the only file part) of a multipart body,
-    parsed in memory (no temporary files)."""
-    from python_multipart.multipart import MultipartParser, parse_options_header
-
-    _, params = parse_options_header(content_type)
-    boundary = params.get(b"boundary")
-    if not boundary:
-        raise ApiError(400, "bad_request", "multipart body without a boundary")
-    parts: list[dict] = []
-    state: dict[str, Any] = {}
-
-    def on_part_begin():
-        if len(parts) >= MAX_MULTIPART_PARTS:
-            raise ApiError(400, "bad_request", f"more than {MAX_MULTIPART_PARTS} multipart parts")
-        state["part"] = {"headers": {}, "data": []}
-        parts.append(state["part"])
-
-    def on_header_field(b, s, e):
-        state["hf"] = state.get("hf", b"") + b[s:e]
-
-    def on_header_value(b, s, e):
-        state["hv"] = state.get("hv", b"") + b[s:e]
-
-    def on_header_end():
-        state["part"]["headers"][state.pop("hf", b"").lower()] = state.pop("hv", b"")
-
-    def on_part_data(b, s, e):
-        state["part"]["data"].append(bytes(b[s:e]))
-
-    parser = MultipartParser(boundary, {
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field,
-        "on_header_value": on_header_value, "on_header_end": on_header_end,
-        "on_part_data": on_part_data})
-    try:
-        parser.write(body)
-        parser.finalize()
-    except ApiError:
-        raise
-    except Exception as e:  # noqa: BLE001 - python-multipart raises its own types
-        raise ApiError(400, "bad_request", f"malformed multipart body ({e})") from None
-    chosen = None
-    for p in parts:
-        _, opts = parse_options_header(p["headers"].get(b"content-disposition", b""))
-        if opts.get(b"name") == field.encode():
-            chosen = p
-            break
-    if chosen is None:
-        files = [p for p in parts if b"filename" in parse_options_header(
-            p["headers"].get(b"content-disposition", b""))[1]]
-        if len(files) != 1:
-            raise ApiError(422, "invalid_input", f"multipart body needs a file field "
-                           f"named {field!r}")
-        chosen = files[0]
-    return b"".join(chosen["data"])
-
 
 # --------------------------------------------------------------------------- request helpers
 
@@ -485,43 +288,55 @@ def media_type(request: Request, allowed: set[str]) -> str | None:
                    f"{sorted(allowed | {MULTIPART})}")
 
 
-async def read_body(request: Request, max_bytes: int, deadline: Deadline) -> bytes:
+@dataclass(frozen=True)
+class BodyTimeouts:
+    """How long a request body may take: in all (``total_s``, ``serve.body_timeout_s``) and
+    between two chunks (``idle_s``, ``serve.body_idle_timeout_s``); never past the
+    request's own deadline."""
+
+    total_s: float
+    idle_s: float
+
+
+async def _next_chunk(stream, deadline: Deadline, body_end: float,
+                      timeouts: BodyTimeouts) -> bytes | None:
+    """The next chunk of a request body (None at its end), or a 408 once a timeout passes."""
+    waits = {f"no body bytes for {timeouts.idle_s:g} s (serve.body_idle_timeout_s)": timeouts.idle_s,
+             f"request body not received within {timeouts.total_s:g} s (serve.body_timeout_s)":
+                 body_end - time.monotonic(),
+             f"request body not received within {deadline.seconds:g} s": deadline.remaining()}
+    reason, wait = min(waits.items(), key=lambda kv: kv[1])
+    if wait <= 0:
+        raise ApiError(408, "timeout", reason)
+    try:
+        return await asyncio.wait_for(stream.__anext__(), timeout=wait)
+    except StopAsyncIteration:
+        return None
+    except asyncio.TimeoutError:
+        raise ApiError(408, "timeout", reason) from None
+    except ClientDisconnect:
+        raise ApiError(400, "bad_request", "client disconnected during upload") from None
+
+
+async def read_body(request: Request, max_bytes: int, deadline: Deadline,
+                    timeouts: BodyTimeouts) -> bytes:
     """The request body, at most ``max_bytes``: Content-Length is checked before anything is
-    read, then the streamed bytes are counted (chunked uploads have no Content-Length)."""
-    cl = request.headers.get("content-length")
-    if cl is not None:
-        try:
-            n = int(cl)
-            if n < 0:
-                raise ValueError
-        except ValueError:
-            raise ApiError(400, "bad_request", f"invalid Content-Length {cl!r}") from None
-        if n > max_bytes:
-            raise ApiError(413, "too_large", f"body of {n} bytes exceeds the limit of "
-                           f"{max_bytes} bytes (serve.max_body_bytes)")
+    read, then the streamed bytes are counted (chunked uploads have no Content-Length); a
+    body that stops arriving is a 408 after ``timeouts``, not after the request deadline."""
+    declared = check_content_length(request.headers.get("content-length"), max_bytes)
+    body_end = time.monotonic() + timeouts.total_s
     chunks, size = [], 0
     stream = request.stream().__aiter__()
-    while True:
-        left = deadline.remaining()
-        if left <= 0:
-            raise ApiError(408, "timeout", f"request body not received within "
-                           f"{deadline.seconds:g} s")
-        try:
-            chunk = await asyncio.wait_for(stream.__anext__(), timeout=left)
-        except StopAsyncIteration:
-            break
-        except asyncio.TimeoutError:
-            raise ApiError(408, "timeout", f"request body not received within "
-                           f"{deadline.seconds:g} s") from None
-        except ClientDisconnect:
-            raise ApiError(400, "bad_request", "client disconnected during upload") from None
+    while (chunk := await _next_chunk(stream, deadline, body_end, timeouts)) is not None:
         size += len(chunk)
         if size > max_bytes:
-            raise ApiError(413, "too_large", f"body exceeds the limit of {max_bytes} bytes "
-                           f"(serve.max_body_bytes)")
+            raise TooLarge(f"body exceeds the limit of {max_bytes} bytes (serve.max_body_bytes)")
         chunks.append(chunk)
+    if declared is not None and size < declared:
+        raise ApiError(400, "bad_request", f"body of {size} bytes is shorter than its "
+                       f"Content-Length of {declared}")
     if size == 0:
-        raise ApiError(422, "invalid_input", "empty request body")
+        raise InputError("empty request body")
     return b"".join(chunks)
 
 
@@ -552,19 +367,123 @@ def parse_bool(request: Request, name: str, default: bool) -> bool:
     raise ApiError(422, "invalid_input", f"{name} must be true or false, got {raw[:20]!r}")
 
 
+# --------------------------------------------------------------------------- job slots
+
+
+class Slot:
+    """One admitted job's place in a :class:`JobSlots`; released exactly once, from any
+    thread, when the job ends (or when its request fails before handing it over)."""
+
+    def __init__(self, slots: "JobSlots"):
+        self._slots = slots
+        self._held = True
+        self.handed_over = False
+
+    def release(self) -> None:
+        with self._slots.lock:
+            if not self._held:
+                return
+            self._held = False
+            self._slots.used -= 1
+
+    def hand_over(self, fut: Future) -> None:
+        """From now on the job's future releases the slot when it is done (finished,
+        failed or cancelled), however long after its request that is."""
+        self.handed_over = True
+        fut.add_done_callback(lambda _: self.release())
+
+
+class JobSlots:
+    """At most ``capacity`` jobs admitted and not finished (thread-safe). A job keeps its
+    slot until it really ends, even after its request gave up on it, so jobs stuck behind a
+    stuck worker cannot pile up."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.used = 0
+        self.lock = threading.Lock()
+
+    def take(self) -> Slot | None:
+        """A slot, or None when all ``capacity`` are in use."""
+        with self.lock:
+            if self.used >= self.capacity:
+                return None
+            self.used += 1
+        return Slot(self)
+
+
 # --------------------------------------------------------------------------- the service
 
 
 @dataclass
 class SliceJob:
-    lr: np.ndarray  # (3, h, w) z-scored LR triplet
+    lr: np.ndarray  # (3, h, w) LR triplet in model units
     scale: int
+
+
+@dataclass
+class VolumeJob:
+    """One volume request's work for the volume thread. ``body`` is dropped as soon as it
+    is decoded, or when the request gives up on a job that has not started."""
+
+    body: bytes | None
+    scale: int
+    deadline: Deadline
+
+
+class _GzipSink(io.RawIOBase):
+    """A write-only file object that gzips what is written to it (for ``to_stream``): the
+    answer is compressed while nibabel writes it, with no uncompressed copy of the volume.
+    Same bytes as ``gzip.compress(raw, GZIP_LEVEL, mtime=0)``."""
+
+    def __init__(self):
+        super().__init__()
+        self._z = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
+        self._parts: list[bytes] = []
+        self._pos = 0
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        self._parts.append(self._z.compress(data))
+        self._pos += n
+        return n
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        target = pos if whence == 0 else self._pos + pos
+        if target < self._pos or whence == 2:
+            raise io.UnsupportedOperation("gzip sink seeks forward only")
+        self.write(bytes(target - self._pos))
+        return self._pos
+
+    def flush(self) -> None:
+        pass
+
+    def getvalue(self) -> bytes:
+        return b"".join([*self._parts, self._z.flush()])
+
+
+def encode_volume(img) -> tuple[bytes, tuple[int, ...]]:
+    """An SR image -> (.nii.gz bytes, shape), after checking that every voxel is finite."""
+    check_finite(np.asanyarray(img.dataobj), "volume")
+    sink = _GzipSink()
+    img.to_stream(sink)
+    return sink.getvalue(), tuple(int(s) for s in img.shape)
 
 
 class Service:
     """Everything behind the routes, independent of Serve: the predictor, the limits, the key
     check and two single-thread executors (volumes; slice batches). One volume computes at a
-    time per replica, which bounds memory; slice batches do not queue behind it.
+    time per replica, at most ``serve.max_volume_queue`` are admitted (computing + waiting),
+    which bounds memory; slice batches do not queue behind it.
 
     Args:
         predictor: a loaded :class:`pgasr.inference.Predictor`.
@@ -580,12 +499,16 @@ class Service:
         self.predictor = predictor
         self.cfg = cfg
         self.scfg = cfg.serve
+        self.caps = Limits.from_config(cfg.serve)
         self.keys = keys
         self.submit_slice = submit_slice or self._submit_unbatched
         self.slices_inflight = 0  # slice jobs submitted and not yet answered
         self.scales = list(predictor.scales)
         self.volume_pool = ThreadPoolExecutor(1, thread_name_prefix="pgasr-volume")
         self.slice_pool = ThreadPoolExecutor(1, thread_name_prefix="pgasr-slices")
+        self.volume_slots = JobSlots(cfg.serve.max_volume_queue)
+        self.volume_running: Deadline | None = None  # the deadline of the volume computing
+        self.worker_grace_s = WORKER_GRACE_S
         self.inflight = 0
         self.replica_id = os.urandom(6).hex()  # changes when a replica is replaced
         self.batches: list[int] = []  # sizes of recent slice batches (for /readyz and tests)
@@ -630,56 +553,98 @@ class Service:
         finally:
             self.slices_inflight -= 1
 
-    def prepare_slice(self, body: bytes, normalise: bool) -> tuple[np.ndarray, float, float]:
-        """Bytes -> (z-scored triplet (3, h, w), mean, std); normalised per triplet as a
-        volume is (``normalise_volume``), or passed through when ``normalise`` is False."""
+    def prepare_slice(self, body: bytes, normalise: bool,
+                      scale: int = 1) -> tuple[np.ndarray, float, float]:
+        """Bytes -> (triplet (3, h, w) in model units, offset, scale factor); normalised per
+        triplet as a volume is (``normalise_volume``), or passed through when ``normalise``
+        is False. The output size at ``scale`` is checked too."""
         from pgasr.inference import normalise_volume
 
-        trip = decode_slice(body, self.scfg.max_slice_pixels)
+        trip = decode_slice(body, self.caps, scale)
         if not normalise:
             return trip, 0.0, 1.0
         z, mean, std = normalise_volume(np.moveaxis(trip, 0, 2), self.cfg.data.head_threshold)
         return np.ascontiguousarray(np.moveaxis(z, 2, 0)), mean, std
 
     # -- volumes
-    def run_volume(self, body: bytes, scale: int, deadline: Deadline) -> tuple[bytes, tuple]:
+    def run_volume(self, job: VolumeJob) -> tuple[bytes, tuple]:
         """NIfTI bytes -> SR .nii.gz bytes, via ``Predictor.predict_image`` (as ``pgasr sr``).
-        Runs in the volume thread; stops between slice chunks once the deadline passes."""
-        from pgasr.data.ixi import image_to_bytes
+        Runs in the volume thread; stops between slice chunks once the deadline passes. The
+        body is released once decoded; the output is checked finite and gzipped as written."""
+        body, job.body = job.body, None
+        if body is None:
+            raise Aborted("the request gave up on this volume before it started")
+        self.volume_running = job.deadline
+        try:
+            job.deadline.check()
+            img = decode_nifti(body, self.caps, job.scale, job.deadline.check)
+            del body
+            job.deadline.check()
+            sr = self.predictor.predict_image(img, job.scale, progress=job.deadline.check)
+            del img
+            job.deadline.check()
+            return encode_volume(sr)
+        finally:
+            self.volume_running = None
 
-        deadline.check()
-        img = decode_nifti(body, self.scfg.max_voxels)
-        del body
-        deadline.check()
-        sr = self.predictor.predict_image(img, scale, progress=deadline.check)
-        deadline.check()
-        return image_to_bytes(sr, gz=True), tuple(int(s) for s in sr.shape)
+    def health_problem(self) -> str | None:
+        """Why this replica should be replaced (None: healthy): an executor shut down, or the
+        volume worker still busy ``worker_grace_s`` after its job's deadline (stuck outside
+        the deadline checks, holding the volume queue)."""
+        if self.volume_pool._shutdown or self.slice_pool._shutdown:
+            return "executors shut down"
+        running = self.volume_running
+        if running is not None and -running.remaining() > self.worker_grace_s:
+            return (f"the volume worker is stuck: {-running.remaining():.0f} s past its job's "
+                    f"{running.seconds:g} s deadline")
+        return None
+
+    def check_health(self) -> None:
+        """Raise RuntimeError when :meth:`health_problem` finds one (Serve's health check)."""
+        problem = self.health_problem()
+        if problem:
+            raise RuntimeError(problem)
 
     def limits(self) -> dict:
-        s = self.scfg
-        return {"max_body_bytes": s.max_body_bytes, "max_voxels": s.max_voxels,
-                "max_slice_pixels": s.max_slice_pixels, "request_timeout_s": s.request_timeout_s,
-                "max_batch_size": s.max_batch_size}
+        s, c = self.scfg, self.caps
+        return {"max_body_bytes": c.max_body_bytes, "max_voxels": c.max_voxels,
+                "max_output_voxels": c.max_output_voxels, "max_slice_pixels": c.max_slice_pixels,
+                "max_gzip_members": c.max_gzip_members, "max_volume_queue": s.max_volume_queue,
+                "request_timeout_s": s.request_timeout_s, "body_timeout_s": s.body_timeout_s,
+                "body_idle_timeout_s": s.body_idle_timeout_s, "max_batch_size": s.max_batch_size}
 
     def close(self) -> None:
         self.volume_pool.shutdown(wait=False, cancel_futures=True)
         self.slice_pool.shutdown(wait=False, cancel_futures=True)
 
 
-async def _in_thread(pool: ThreadPoolExecutor, deadline: Deadline, fn, *args):
-    """Run ``fn`` in ``pool``; if the request is cancelled (client gone, proxy timeout) the
-    deadline is flagged so the computation stops at its next check."""
-    loop = asyncio.get_running_loop()
-    fut = loop.run_in_executor(pool, fn, *args)
+def _abandon(fut: Future, deadline: Deadline, on_abandon: Callable[[], None] | None) -> None:
+    """Give up on a job: its deadline is flagged (a running job stops at its next check),
+    a queued one is cancelled, and ``on_abandon`` drops what it holds."""
+    deadline.cancelled.set()
+    fut.cancel()
+    if on_abandon is not None:
+        on_abandon()
+
+
+async def _in_thread(pool: ThreadPoolExecutor, deadline: Deadline, grace_s: float, fn, *args,
+                     slot: Slot | None = None, on_abandon: Callable[[], None] | None = None):
+    """Run ``fn(*args)`` in ``pool``; if the request is cancelled (client gone, proxy
+    timeout) or the job outlives its deadline by ``grace_s``, the job is abandoned
+    (:func:`_abandon`). ``slot`` is released when the job really ends."""
+    fut = pool.submit(fn, *args)
+    if slot is not None:
+        slot.hand_over(fut)
     try:
         # The computation checks the deadline itself; the extra grace only guards a worker
         # thread stuck outside those checks.
-        return await asyncio.wait_for(asyncio.shield(fut), timeout=max(deadline.remaining(), 0) + 30)
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)),
+                                      timeout=max(deadline.remaining(), 0) + grace_s)
     except asyncio.TimeoutError:
-        deadline.cancelled.set()
+        _abandon(fut, deadline, on_abandon)
         raise Aborted(f"request took longer than {deadline.seconds:g} s") from None
     except asyncio.CancelledError:
-        deadline.cancelled.set()
+        _abandon(fut, deadline, on_abandon)
         raise
 
 
@@ -692,18 +657,7 @@ class V1Call:
     deadline: Deadline
     body: bytes
     t0: float  # perf_counter at admission, for X-PGASR-Seconds
-
-
-def _map_compute_errors(e: BaseException) -> ApiError | None:
-    if isinstance(e, ApiError):
-        return e
-    if isinstance(e, TooLarge):
-        return ApiError(413, "too_large", str(e))
-    if isinstance(e, Aborted):
-        return ApiError(408, "timeout", str(e))
-    if isinstance(e, ValueError):
-        return ApiError(422, "invalid_input", str(e))
-    return None
+    slot: Slot | None = None  # the job slot, for routes admitted through JobSlots
 
 
 def _torch_threads() -> int:
@@ -712,10 +666,23 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
+def _admit(slots: JobSlots | None) -> Slot | None:
+    """A job slot, or a 503 when the replica's queue for this kind of job is full."""
+    if slots is None:
+        return None
+    slot = slots.take()
+    if slot is None:
+        raise ApiError(503, "busy", f"{slots.capacity} volumes are already being computed or "
+                       f"waiting on this replica (serve.max_volume_queue); retry later",
+                       {"Retry-After": str(RETRY_AFTER_S)})
+    return slot
+
+
 def make_api(svc: Service) -> FastAPI:
     """The FastAPI app of one replica (usable without Serve, e.g. with httpx's ASGI
     transport)."""
     app = FastAPI(title="PGASR", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(JsonErrors)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError):
@@ -743,13 +710,16 @@ def make_api(svc: Service) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz():
+        problem = svc.health_problem()
+        if problem:
+            return _error(503, "unhealthy", problem)
         return {"status": "ok"}
 
     @app.get("/readyz")
     async def readyz():
         b = svc.batches
         return {"ready": True, "replica": svc.replica_id, "scales": svc.scales,
-                "inflight": svc.inflight,
+                "inflight": svc.inflight, "volume_jobs": svc.volume_slots.used,
                 "device": str(svc.predictor.device), "torch_threads": _torch_threads(),
                 "slice_batches": {"recent": len(b), "max_size": max(b, default=0)}}
 
@@ -770,28 +740,37 @@ def make_api(svc: Service) -> FastAPI:
                             headers={"Cache-Control": "no-store"})
 
     @contextlib.asynccontextmanager
-    async def v1_call(request: Request, allowed: set[str],
-                      flags: dict[str, bool] | None = None) -> AsyncIterator[V1Call]:
+    async def v1_call(request: Request, allowed: set[str], flags: dict[str, bool] | None = None,
+                      slots: JobSlots | None = None) -> AsyncIterator[V1Call]:
         """The prologue and epilogue every ``POST /v1/sr*`` route shares: API key, ``scale``,
-        boolean query ``flags`` (name -> default), media type, deadline, the body (read under
-        the size cap, multipart unwrapped) and the in-flight count; input and compute errors
-        raised inside the block become JSON 4xx (others reach the 500 handler)."""
+        boolean query ``flags`` (name -> default), media type, a job slot from ``slots``
+        (503 when full, before the body is read), deadline, the body (read under the size
+        cap and body timeouts, multipart unwrapped) and the in-flight count; input and
+        compute errors raised inside the block become JSON 4xx/5xx (others reach
+        :class:`JsonErrors`)."""
         svc.keys.check(request.headers)
         scale = parse_scale(request, svc.scales)
         parsed = {k: parse_bool(request, k, d) for k, d in (flags or {}).items()}
         mt = media_type(request, allowed)
         deadline = Deadline(svc.scfg.request_timeout_s)
+        timeouts = BodyTimeouts(svc.scfg.body_timeout_s, svc.scfg.body_idle_timeout_s)
+        slot = _admit(slots)
         svc.inflight += 1
         t0 = time.perf_counter()
         try:
-            body = await read_body(request, svc.scfg.max_body_bytes, deadline)
+            body = await read_body(request, svc.caps.max_body_bytes, deadline, timeouts)
             if mt == MULTIPART:
-                body = extract_multipart(body, request.headers["content-type"])
-            yield V1Call(scale, parsed, deadline, body, t0)
-        except (ApiError, ValueError, Aborted) as e:
+                body = extract_multipart(body, request.headers["content-type"],
+                                         max_parts=svc.caps.max_multipart_parts)
+            call = V1Call(scale, parsed, deadline, body, t0, slot)
+            del body  # the route may drop call.body once it has handed it on
+            yield call
+        except (ApiError, ValueError, Aborted, OutputError, FloatingPointError) as e:
             _guard(e)
         finally:
             svc.inflight -= 1
+            if slot is not None and not slot.handed_over:
+                slot.release()
 
     def sr_response(call: V1Call, data: bytes, media: str, suffix: str, shape) -> Response:
         return Response(data, media_type=media, headers={
@@ -802,9 +781,16 @@ def make_api(svc: Service) -> FastAPI:
 
     @app.post("/v1/sr")
     async def sr_volume(request: Request):
-        async with v1_call(request, VOLUME_TYPES) as call:
-            data, shape = await _in_thread(svc.volume_pool, call.deadline, svc.run_volume,
-                                           call.body, call.scale, call.deadline)
+        async with v1_call(request, VOLUME_TYPES, slots=svc.volume_slots) as call:
+            job = VolumeJob(call.body, call.scale, call.deadline)
+            call.body = b""
+
+            def drop_body() -> None:
+                job.body = None
+
+            data, shape = await _in_thread(svc.volume_pool, call.deadline, svc.worker_grace_s,
+                                           svc.run_volume, job, slot=call.slot,
+                                           on_abandon=drop_body)
         return sr_response(call, data, "application/gzip", ".nii.gz", shape)
 
     @app.post("/v1/sr/slice")
@@ -813,7 +799,8 @@ def make_api(svc: Service) -> FastAPI:
             normalise = call.flags["normalise"]
             # decoding + percentiles of up to 3 x max_slice_pixels: off the event loop
             lr, mean, std = await asyncio.get_running_loop().run_in_executor(
-                None, svc.prepare_slice, call.body, normalise)
+                None, svc.prepare_slice, call.body, normalise, call.scale)
+            call.body = b""
             try:
                 res = await asyncio.wait_for(svc.submit(SliceJob(lr, call.scale)),
                                              timeout=max(call.deadline.remaining(), 0.001))
@@ -823,6 +810,7 @@ def make_api(svc: Service) -> FastAPI:
             if isinstance(res, BaseException):
                 raise res
             sr = (res * std + mean).astype(np.float32) if normalise else res
+            check_finite(sr, "slice")
             buf = io.BytesIO()
             np.save(buf, sr, allow_pickle=False)
         return sr_response(call, buf.getvalue(), "application/x-npy", ".npy", sr.shape)
@@ -873,8 +861,8 @@ class PGASRServer:
         return make_api(self.service)
 
     def check_health(self):
-        if self.service.volume_pool._shutdown or self.service.slice_pool._shutdown:
-            raise RuntimeError("executors shut down")
+        """Serve's periodic health check: a failure gets the replica replaced."""
+        self.service.check_health()
 
     def __del__(self):
         svc = getattr(self, "service", None)
@@ -897,15 +885,36 @@ def validate_serve_config(s: ServeConfig) -> None:
          "serve.max_queued_requests must be >= 1 (or -1: unbounded)"),
         (s.max_body_bytes >= 1024, "serve.max_body_bytes must be >= 1024"),
         (s.max_voxels >= 1, "serve.max_voxels must be >= 1"),
+        (s.max_output_voxels >= 0, "serve.max_output_voxels must be >= 0 (0: 4 x max_voxels)"),
         (s.max_slice_pixels >= 1, "serve.max_slice_pixels must be >= 1"),
+        (s.max_volume_queue >= 1, "serve.max_volume_queue must be >= 1"),
         (s.request_timeout_s > 0, "serve.request_timeout_s must be > 0"),
-        (s.gpus_per_replica >= 0 and s.cpus_per_replica >= 0,
-         "serve.gpus_per_replica / cpus_per_replica must be >= 0"),
+        (s.body_timeout_s > 0 and s.body_idle_timeout_s > 0,
+         "serve.body_timeout_s / body_idle_timeout_s must be > 0"),
+        (s.gpus_per_replica >= 0 and s.cpus_per_replica >= 0 and s.memory_per_replica >= 0,
+         "serve.gpus_per_replica / cpus_per_replica / memory_per_replica must be >= 0"),
         (1 <= s.port <= 65535, "serve.port must be in 1..65535"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+
+
+def replica_memory_bytes(s: ServeConfig) -> int:
+    """The Ray ``memory`` one replica reserves: ``serve.memory_per_replica`` when set, else
+    the process itself plus the buffers its caps allow at once (every ongoing request
+    holding a full body, one volume of ``max_voxels`` in and ``max_output_voxels`` out, the
+    largest slice of every ongoing request), so Ray does not pack more replicas on a node
+    than their caps let them use. Model activations are not included (see the constants)."""
+    if s.memory_per_replica > 0:
+        return int(s.memory_per_replica)
+    lim = Limits.from_config(s)
+    bodies = s.max_ongoing_requests * lim.max_body_bytes
+    volume = (lim.max_voxels * VOLUME_BYTES_PER_INPUT_VOXEL
+              + lim.max_output_voxels * VOLUME_BYTES_PER_OUTPUT_VOXEL)
+    slice_out = min(lim.max_slice_pixels * 16, lim.max_output_voxels)  # x4 at most
+    slices = s.max_ongoing_requests * slice_out * SLICE_BYTES_PER_OUTPUT_PIXEL
+    return int(REPLICA_BASE_BYTES + bodies + volume + slices)
 
 
 def _parse_args(args: dict | None) -> tuple[str | None, list[str]]:
@@ -965,7 +974,8 @@ def build_app(args: dict | None = None):
     dep = PGASRServer.options(
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,
-        ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
+        ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica,
+                           "memory": replica_memory_bytes(s)},
         **scaling,
     )
     return dep.bind(config_to_dict(cfg))

@@ -1,14 +1,19 @@
-"""The HTTP service (serve/app.py): key handling, input decoding and limits in-process; then
-the real thing on Ray Serve (marked ``ray``) over loopback HTTP on port 8400: a volume round
-trip identical to ``Predictor.predict_image``, slice batching across requests, auth, body cap,
-every bad input a JSON 4xx, a bounded hostile-input fuzzer after which the same replica is
-still serving without having grown, a replica killed under a bounded load, and the web
-viewer driven in headless Chromium."""
+"""The HTTP service (serve/app.py, serve/decoding.py): key handling, input decoding and
+limits in-process (the bounded cost of one request: .npy dims, multi-member gzip, voxel
+types, output size, body timeouts, the volume queue and health check, non-finite outputs,
+JSON for unexpected errors, the client's key on redirects, the hostile mutations through the
+in-process app); then the real thing on Ray Serve (marked ``ray``) over loopback HTTP on
+port 8400: a volume round trip identical to ``Predictor.predict_image``, slice batching
+across requests, auth, body cap, every bad input a JSON 4xx, a short body a JSON 408, a
+bounded hostile-input fuzzer after which the same replica is still serving without having
+grown, a replica killed under a bounded load, and the web viewer driven in headless
+Chromium."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import gzip
 import io
 import os
@@ -35,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `serve` is a top-level directory, not an installed package
 
 from serve import app as A  # noqa: E402
+from serve import decoding as D  # noqa: E402
 from serve_fixtures import make_tiny_checkpoint, synthetic_volume  # noqa: E402
 from viewer_browser import chromium, missing_browser, run_viewer  # noqa: E402
 
@@ -86,6 +92,8 @@ def _singular_affine(raw: bytes) -> bytes:
 VOL = synthetic_volume()
 RAW = image_to_bytes(VOL, gz=False)
 GZ = image_to_bytes(VOL)
+VOL_LIM = D.Limits(max_voxels=100_000)  # the limits of the decoding tests
+SLICE_LIM = D.Limits(max_slice_pixels=4096)
 
 
 # --------------------------------------------------------------------------- no Ray
@@ -142,7 +150,7 @@ BAD_VOLUMES = {
 def test_decode_nifti_rejects(case):
     data, reason = BAD_VOLUMES[case]
     with pytest.raises(ValueError, match=reason) as e:
-        A.decode_nifti(data, 100_000)
+        A.decode_nifti(data, VOL_LIM)
     assert not isinstance(e.value, A.TooLarge)
 
 
@@ -150,16 +158,16 @@ def test_decode_nifti_limits_before_allocating():
     huge = _with_dims(RAW, [30000, 30000, 30000])
     for data in (huge, gzip.compress(huge)):
         with pytest.raises(A.TooLarge, match="voxels; the limit"):
-            A.decode_nifti(data, 100_000)
+            A.decode_nifti(data, VOL_LIM)
     # a gzip bomb behind a small valid header: only header + data are ever decompressed
     bomb = gzip.compress(RAW + bytes(200_000_000), compresslevel=1)
     assert len(bomb) < 1_000_000
     t0 = time.perf_counter()
-    img = A.decode_nifti(bomb, 100_000)
+    img = A.decode_nifti(bomb, VOL_LIM)
     assert img.shape == VOL.shape and time.perf_counter() - t0 < 2.0
     # both encodings decode to the same image
-    np.testing.assert_array_equal(A.decode_nifti(RAW, 10**6).get_fdata(),
-                                  A.decode_nifti(GZ, 10**6).get_fdata())
+    np.testing.assert_array_equal(A.decode_nifti(RAW, D.Limits(max_voxels=10**6)).get_fdata(),
+                                  A.decode_nifti(GZ, D.Limits(max_voxels=10**6)).get_fdata())
 
 
 def test_decode_nifti_fuzz_raises_only_valueerror():
@@ -175,7 +183,7 @@ def test_decode_nifti_fuzz_raises_only_valueerror():
                 rng.randbytes(4)])
         data = gzip.compress(bytes(b)) if i % 2 else bytes(b)
         try:
-            A.decode_nifti(data, 100_000)
+            A.decode_nifti(data, VOL_LIM)
         except ValueError as e:
             assert str(e)
 
@@ -191,15 +199,15 @@ def test_decode_nifti_fuzz_raises_only_valueerror():
 ])
 def test_decode_slice_rejects(arr, status, reason):
     with pytest.raises(ValueError, match=reason) as e:
-        A.decode_slice(_npy(arr), 4096)
+        A.decode_slice(_npy(arr), SLICE_LIM)
     assert isinstance(e.value, A.TooLarge) == (status == 413)
 
 
 def test_decode_slice_truncated_or_unknown():
     with pytest.raises(ValueError, match="truncated"):
-        A.decode_slice(_npy(np.ones((8, 8), np.float32))[:-10], 4096)
+        A.decode_slice(_npy(np.ones((8, 8), np.float32))[:-10], SLICE_LIM)
     with pytest.raises(ValueError, match="npy array or a PNG"):
-        A.decode_slice(b"not an array", 4096)
+        A.decode_slice(b"not an array", SLICE_LIM)
 
 
 def test_decode_slice_png_and_triplet():
@@ -208,15 +216,153 @@ def test_decode_slice_png_and_triplet():
     img = (np.arange(48).reshape(6, 8) * 5).astype(np.uint8)
     b = io.BytesIO()
     Image.fromarray(img).save(b, format="PNG")
-    trip = A.decode_slice(b.getvalue(), 4096)
+    trip = A.decode_slice(b.getvalue(), SLICE_LIM)
     assert trip.shape == (3, 6, 8) and trip.dtype == np.float32
     np.testing.assert_array_equal(trip[1], img)
     t = np.random.rand(3, 5, 7).astype(">f8")
-    np.testing.assert_allclose(A.decode_slice(_npy(t), 4096), t.astype(np.float32))
+    np.testing.assert_allclose(A.decode_slice(_npy(t), SLICE_LIM), t.astype(np.float32))
     rgb = io.BytesIO()
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(rgb, format="PNG")
     with pytest.raises(ValueError, match="grayscale"):
-        A.decode_slice(rgb.getvalue(), 4096)
+        A.decode_slice(rgb.getvalue(), SLICE_LIM)
+
+
+# --- bounded cost per request (issue 17): decoding limits, unit-tested without Serve
+
+
+def _npy_with_shape(shape, data: bytes, descr: str = "<f4") -> bytes:
+    """An .npy body whose header claims ``shape`` (numpy itself refuses to write one with a
+    negative dimension), followed by ``data``."""
+    b = io.BytesIO()
+    np.lib.format.write_array_header_1_0(b, {"descr": descr, "fortran_order": False,
+                                             "shape": tuple(shape)})
+    return b.getvalue() + data
+
+
+def _members(n_empty: int, tail: bytes = b"") -> bytes:
+    """``n_empty`` empty gzip members, then ``tail``."""
+    return gzip.compress(b"", mtime=0) * n_empty + tail
+
+
+BAD_DIMS = [(-1, 256), (256, -1), (3, -1, 256), (3, 256, -1), (-3, 16, 16), (0, 256),
+            (256, 0), (3, 0, 4)]
+
+
+@pytest.mark.parametrize("shape", BAD_DIMS, ids=str)
+def test_npy_dims_must_be_positive(shape):
+    """A .npy header with a negative or zero dimension is a 422 before any data is read: a
+    (-1, 256) header used to pass the pixel cap (h*w < 0) and decode the whole body (here
+    64 KiB = 16384 float32 pixels against a cap of 4096)."""
+    body = _npy_with_shape(shape, (np.random.default_rng(0).random(16384) * 100).astype("<f4").tobytes())
+    with pytest.raises(D.InputError, match="negative|empty|expected a 2-D") as e:
+        A.decode_slice(body, SLICE_LIM)
+    assert (e.value.status, e.value.code) == (422, "invalid_input")
+
+
+def _float128_nii(vol: np.ndarray) -> bytes:
+    """A NIfTI-1 file of float128 voxels (datatype 1536; nibabel will not write one)."""
+    b = bytearray(image_to_bytes(nib.Nifti1Image(vol.astype(np.float64), np.eye(4)), gz=False))
+    b[70:74] = struct.pack("<2h", 1536, 128)
+    return bytes(b[:352]) + np.asarray(vol, np.longdouble).tobytes(order="F")
+
+
+def test_voxel_types_wider_than_8_bytes_refused():
+    """float128 and complex voxels are refused (NIfTI and .npy) before the data is decoded;
+    a float128 .npy slice used to be accepted."""
+    vol = np.random.default_rng(0).random((8, 8, 3)) * 100 + 1
+    for arr in (vol[:, :, 0].astype(np.longdouble), vol[:, :, 0].astype(np.complex64)):
+        with pytest.raises(D.InputError, match="dtype"):
+            A.decode_slice(_npy(arr), SLICE_LIM)
+    for data in (_float128_nii(vol), _nii(vol.astype(np.complex128))):
+        with pytest.raises(D.InputError, match="type") as e:
+            A.decode_nifti(data, VOL_LIM)
+        assert e.value.status == 422
+    A.decode_nifti(_nii(vol.astype(np.float64)), VOL_LIM)  # 8 bytes is fine
+
+
+def test_multi_member_gzip_is_linear():
+    """4000 empty gzip members before an 8 MiB volume: one pass over the body (the old
+    decoder re-copied the rest of the body at every member: 4000 x 8 MB), and the same
+    volume split over 500 members decodes to the same image."""
+    rng = np.random.default_rng(0)
+    vol = (rng.random((128, 128, 128)) * 100 + 1).astype(np.float32)
+    raw = image_to_bytes(nib.Nifti1Image(vol, np.eye(4)), gz=False)
+    lim = D.Limits(max_voxels=vol.size)
+    body = _members(4000, gzip.compress(raw, compresslevel=1, mtime=0))
+    t0 = time.perf_counter()
+    img = A.decode_nifti(body, lim)
+    elapsed = time.perf_counter() - t0
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj), vol)
+    assert elapsed < 2.0, f"4000 members + 8 MiB took {elapsed:.2f} s"
+    step = len(raw) // 500 + 1
+    split = b"".join(gzip.compress(raw[i : i + step], compresslevel=1, mtime=0)
+                     for i in range(0, len(raw), step))
+    np.testing.assert_array_equal(np.asanyarray(A.decode_nifti(split, lim).dataobj), vol)
+
+
+def test_gzip_member_cap_and_deadline_in_the_loop():
+    """More than MAX_GZIP_MEMBERS members is a 422 that costs next to nothing, and the
+    caller's deadline is checked inside the decompression loop."""
+    body = _members(D.MAX_GZIP_MEMBERS + 10, GZ)
+    t0 = time.perf_counter()
+    with pytest.raises(D.InputError, match="gzip members") as e:
+        A.decode_nifti(body, VOL_LIM)
+    assert e.value.status == 422 and time.perf_counter() - t0 < 1.0
+
+    class Late(Exception):
+        pass
+
+    calls = []
+
+    def deadline():
+        calls.append(1)
+        if len(calls) >= 3:
+            raise Late
+
+    with pytest.raises(Late):
+        A.decode_nifti(_members(100, GZ), VOL_LIM, check=deadline)
+    assert len(calls) == 3
+
+
+def test_output_voxel_cap_checked_from_the_header():
+    """The SR output (scale^2 x the input voxels) is capped by max_output_voxels, decided
+    from the header before anything is decompressed; x4 of an input that fits max_voxels
+    can be refused while x2 of it is served."""
+    lim = D.Limits(max_voxels=20000, max_output_voxels=10000)
+    assert A.decode_nifti(GZ, lim, scale=2).shape == VOL.shape  # 960 -> 3840 voxels
+    with pytest.raises(D.TooLarge, match="x4 output .* 15360 voxels") as e:
+        A.decode_nifti(GZ, lim, scale=4)
+    assert e.value.status == 413
+    claim = gzip.compress(_with_dims(RAW, [100, 100, 2]))  # 20000 in, 80000 out at x2
+    with pytest.raises(D.TooLarge, match="output"):
+        A.decode_nifti(claim, D.Limits(max_voxels=20000, max_output_voxels=40000), scale=2)
+    px = _npy((np.random.rand(40, 40) * 100).astype(np.float32))
+    slim = D.Limits(max_slice_pixels=4096, max_output_voxels=20000)
+    assert A.decode_slice(px, slim, scale=2).shape == (3, 40, 40)
+    with pytest.raises(D.TooLarge, match="output"):
+        A.decode_slice(px, slim, scale=4)
+
+
+def test_limits_and_typed_errors():
+    """Limits come from ServeConfig in one place; every decoding error carries its HTTP
+    status and code."""
+    assert D.Limits.from_config(ServeConfig()).max_output_voxels == 4 * ServeConfig().max_voxels
+    assert D.Limits.from_config(ServeConfig(max_output_voxels=7)).max_output_voxels == 7
+    assert D.Limits() == D.Limits.from_config(ServeConfig())
+    assert D.check_content_length(None, 10) is None and D.check_content_length("10", 10) == 10
+    for value, status in (("abc", 400), ("-1", 400), ("11", 413)):
+        with pytest.raises(D.InputError) as e:
+            D.check_content_length(value, 10)
+        assert e.value.status == status
+    with pytest.raises(D.OutputError, match="NaN or inf") as e:
+        D.check_finite(np.array([[[1.0, np.inf]]], np.float32), "volume")
+    assert (e.value.status, e.value.code) == (500, "invalid_output")
+    D.check_finite(np.ones((4, 4, 3), np.float32), "volume")
+    s = ServeConfig(checkpoint="x")
+    for bad in ({"max_volume_queue": 0}, {"body_timeout_s": 0}, {"body_idle_timeout_s": -1},
+                {"max_output_voxels": -1}):
+        with pytest.raises(ConfigError):
+            A.validate_serve_config(dataclasses.replace(s, **bad))
 
 
 def _overrides(ckpt, key_file, **extra):
@@ -224,8 +370,9 @@ def _overrides(ckpt, key_file, **extra):
          "serve.api_keys_env": "PGASR_TEST_UNSET_ENV", "serve.min_replicas": 1,
          "serve.max_replicas": 1, "serve.cpus_per_replica": 0.5,
          "serve.max_body_bytes": 262144, "serve.max_voxels": 20000,
-         "serve.max_slice_pixels": 4096, "serve.batch_wait_timeout_s": 0.2,
-         "serve.request_timeout_s": 60, **extra}
+         "serve.max_slice_pixels": 4096, "serve.max_output_voxels": 40000,
+         "serve.batch_wait_timeout_s": 0.2, "serve.request_timeout_s": 60,
+         "serve.body_timeout_s": 10, "serve.body_idle_timeout_s": 1, **extra}
     return [f"{k}={v}" for k, v in o.items()]
 
 
@@ -236,7 +383,8 @@ def test_build_app_options_and_refusals(ckpt, key_file, monkeypatch):
     assert d.name == "PGASR" and d._deployment_config.max_ongoing_requests == 8
     a = d._deployment_config.autoscaling_config
     assert (a.min_replicas, a.max_replicas, a.target_ongoing_requests) == (1, 3, 2.0)
-    assert d.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.0}
+    mem = A.replica_memory_bytes(load_config(None, _overrides(ckpt, key_file)).serve)
+    assert d.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.0, "memory": mem}
     # `serve run serve.app:build_app serve.checkpoint=...` style arguments
     app = A.build_app({"serve.checkpoint": str(ckpt), "serve.api_keys_file": str(key_file)})
     assert app._bound_deployment is not None
@@ -272,7 +420,8 @@ def service(ckpt, key_file):
     """The replica's Service and FastAPI app, in-process (no Ray)."""
     from pgasr.inference import Predictor
 
-    cfg = load_config(None, _overrides(ckpt, key_file, **{"serve.request_timeout_s": 1.0}))
+    cfg = load_config(None, _overrides(ckpt, key_file, **{"serve.request_timeout_s": 1.0,
+                                                          "serve.max_output_voxels": 80000}))
     pred = Predictor.from_checkpoint(ckpt, device="cpu", batch_size=cfg.serve.max_batch_size)
     svc = A.Service(pred, cfg, A.KeyChecker(A.load_api_keys(cfg.serve)))
     yield svc
@@ -334,6 +483,277 @@ def test_lone_slice_skips_the_batcher(service, monkeypatch):
     for j, o in zip(jobs, out):
         np.testing.assert_allclose(o, service.predictor.predict_triplets(j.lr[None], 2)[0],
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def predictor(ckpt):
+    from pgasr.inference import Predictor
+
+    return Predictor.from_checkpoint(ckpt, device="cpu", batch_size=16)
+
+
+class _StubPredictor:
+    """The real Predictor, except for the methods a test replaces."""
+
+    def __init__(self, real, predict_image=None, predict_triplets=None):
+        self._real = real
+        if predict_image is not None:
+            self.predict_image = predict_image
+        if predict_triplets is not None:
+            self.predict_triplets = predict_triplets
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@pytest.fixture
+def make_service(ckpt, key_file, predictor):
+    """``make(predictor=None, **serve_fields)``: a fresh in-process Service."""
+    made = []
+
+    def make(pred=None, **fields):
+        cfg = load_config(None, _overrides(ckpt, key_file))
+        for k, v in fields.items():
+            setattr(cfg.serve, k, v)
+        svc = A.Service(pred or predictor, cfg, A.KeyChecker(A.load_api_keys(cfg.serve)))
+        made.append(svc)
+        return svc
+
+    yield make
+    for svc in made:
+        svc.close()
+
+
+def _asgi_client(svc) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=A.make_api(svc)),
+                             base_url="http://t", timeout=60)
+
+
+def _json_status(r: httpx.Response, status: int, error: str | None = None) -> bool:
+    ok = r.status_code == status and r.headers["content-type"].startswith("application/json")
+    return ok and (error is None or r.json()["error"] == error)
+
+
+def test_short_body_is_408_within_the_body_timeout(make_service):
+    """A body shorter than its Content-Length (the client stops sending) or one that drips
+    in too slowly is a JSON 408 after serve.body_idle_timeout_s / body_timeout_s, not after
+    the 60 s request deadline."""
+    svc = make_service(request_timeout_s=60.0, body_idle_timeout_s=0.3, body_timeout_s=1.0)
+
+    async def short():
+        yield GZ[:100]
+        await asyncio.sleep(4)
+        yield GZ[100:]
+
+    async def drip():
+        for i in range(0, len(GZ), 50):
+            yield GZ[i : i + 50]
+            await asyncio.sleep(0.2)
+
+    async def run():
+        async with _asgi_client(svc) as c:
+            for body, reason in ((short, "no body bytes for 0.3 s"), (drip, "within 1 s")):
+                t0 = time.perf_counter()
+                r = await c.post("/v1/sr?scale=2", content=body(),
+                                 headers={**H, "Content-Length": str(len(GZ))})
+                assert _json_status(r, 408, "timeout"), (r.status_code, r.text)
+                assert reason in r.json()["detail"]
+                assert time.perf_counter() - t0 < 2.5
+            assert svc.inflight == 0
+
+    asyncio.run(run())
+
+
+def test_volume_queue_is_bounded_and_a_stuck_worker_fails_health(make_service, predictor):
+    """A volume worker stuck outside the deadline checks: its request and the one queued
+    behind it get a 408 (the queued one is cancelled and drops its body), a third while
+    both hold the queue (max_volume_queue=2) gets a JSON 503 at once, and the health check
+    fails until the worker is free again."""
+    free = threading.Event()
+
+    def stuck(img, scale, progress=None):
+        free.wait(30)  # ignores the deadline, as a hung kernel would
+        return predictor.predict_image(img, scale)
+
+    svc = make_service(_StubPredictor(predictor, predict_image=stuck),
+                       request_timeout_s=0.3, max_volume_queue=2)
+    svc.worker_grace_s = 0.2
+
+    async def wait_for(cond, timeout=10.0):
+        end = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < end
+            await asyncio.sleep(0.02)
+
+    async def run():
+        async with _asgi_client(svc) as c:
+            r = await c.post("/v1/sr?scale=2", content=GZ, headers=H)
+            assert _json_status(r, 408, "timeout"), r.text
+            await asyncio.sleep(0.15)
+            assert "stuck" in (svc.health_problem() or "")
+            with pytest.raises(RuntimeError, match="volume worker is stuck"):
+                svc.check_health()
+            assert _json_status(await c.get("/healthz"), 503, "unhealthy")
+            queued = asyncio.create_task(c.post("/v1/sr?scale=2", content=GZ, headers=H))
+            await wait_for(lambda: svc.volume_slots.used == 2)
+            t0 = time.perf_counter()
+            r = await c.post("/v1/sr?scale=2", content=GZ, headers=H)
+            assert _json_status(r, 503, "busy") and r.headers["retry-after"]
+            assert time.perf_counter() - t0 < 1.0
+            assert _json_status(await queued, 408, "timeout")
+            await wait_for(lambda: svc.volume_slots.used == 1)  # cancelled, body dropped
+            free.set()
+            await wait_for(lambda: svc.volume_slots.used == 0 and svc.health_problem() is None)
+            assert (await c.get("/healthz")).json() == {"status": "ok"}
+            svc.scfg.request_timeout_s = 30.0
+            assert (await c.post("/v1/sr?scale=2", content=GZ, headers=H)).status_code == 200
+
+    try:
+        asyncio.run(run())
+    finally:
+        free.set()
+
+
+def test_non_finite_output_is_a_json_500(make_service, predictor):
+    """An SR volume or slice with NaN/inf voxels is a JSON 500 with the reason, never a 200."""
+
+    def nan_image(img, scale, progress=None):
+        sr = predictor.predict_image(img, scale, progress)
+        np.asanyarray(sr.dataobj)[1, 2, 3] = np.nan
+        return sr
+
+    def inf_triplets(lr, scale, prior_lr=None):
+        out = predictor.predict_triplets(lr, scale, prior_lr)
+        out[:, 0, 0] = np.inf
+        return out
+
+    svc = make_service(_StubPredictor(predictor, nan_image, inf_triplets))
+
+    async def run():
+        async with _asgi_client(svc) as c:
+            for path, body in (("/v1/sr?scale=2", GZ),
+                               ("/v1/sr/slice?scale=2", _npy(np.random.rand(12, 10) * 100))):
+                r = await c.post(path, content=body, headers=H)
+                assert _json_status(r, 500, "invalid_output"), (r.status_code, r.text[:200])
+                assert "NaN or inf" in r.json()["detail"]
+
+    asyncio.run(run())
+
+
+def test_unexpected_errors_are_json_500(make_service, predictor):
+    """An exception no handler knows (here a RuntimeError from the model, inside and outside
+    the shared v1 prologue) reaches the client as a JSON 500 that does not leak its text."""
+
+    def boom(*_a, **_k):
+        raise RuntimeError("secret internals")
+
+    svc = make_service(_StubPredictor(predictor, boom, boom))
+    svc.predictor.describe = boom
+
+    async def run():
+        async with _asgi_client(svc) as c:
+            for method, path, body in (("POST", "/v1/sr?scale=2", GZ),
+                                       ("POST", "/v1/sr/slice?scale=2", _npy(np.random.rand(6, 5))),
+                                       ("GET", "/v1/model", None)):
+                r = await c.request(method, path, content=body, headers=H)
+                assert _json_status(r, 500, "internal"), (path, r.status_code, r.text[:200])
+                assert "secret" not in r.text
+
+    asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def ckpt_x4(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("serve_x4") / "stage2", scales=(2, 4))
+
+
+def test_hostile_mutations_in_process(ckpt_x4, key_file):
+    """The hostile-input fuzzer's mutations (including negative/zero .npy dims, multi-member
+    gzip, short bodies, float128/complex voxels and huge x2/x4 outputs) sent to one
+    in-process replica of a x2/x4 checkpoint: every answer is a JSON 4xx with the status its
+    kind calls for (a bit flip that leaves a valid image may give 200), never a 5xx."""
+    from pgasr.inference import Predictor
+
+    cfg = load_config(None, _overrides(ckpt_x4, key_file))
+    cfg.serve.body_idle_timeout_s, cfg.serve.request_timeout_s = 0.2, 20.0
+    pred = Predictor.from_checkpoint(ckpt_x4, device="cpu", batch_size=16)
+    svc = A.Service(pred, cfg, A.KeyChecker(A.load_api_keys(cfg.serve)))
+    gen = _mutations(random.Random(7), x4=True)
+    reqs = [next(gen) for _ in range(240)]
+
+    async def stalled(body: bytes):
+        yield body
+        await asyncio.sleep(5)
+
+    async def run():
+        out = []
+        async with _asgi_client(svc) as c:
+            for kind, path, body, hdr in reqs:
+                content = stalled(body) if kind == "short_body" else body
+                r = await c.post(path, content=content, headers=hdr)
+                is_json = r.headers.get("content-type", "").startswith("application/json")
+                out.append((kind, r.status_code, is_json))
+        return out
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        svc.close()
+    print(collections.Counter((k, st) for k, st, _ in results))
+    bad = [r for r in results if r[1] != 200 and not (400 <= r[1] < 500 and r[2])]
+    assert not bad, bad[:10]
+    assert {k for k, st, _ in results if st == 200} <= {"bitflip_header"}
+    expected = {"npy_bad_dims": {422}, "gzip_members": {422}, "short_body": {408},
+                "wide_type": {422}, "huge_output": {413}}
+    for kind, statuses in expected.items():
+        got = {st for k, st, _ in results if k == kind}
+        assert got and got <= statuses, (kind, got)
+
+
+def test_client_does_not_resend_the_key_on_redirects():
+    """pgasr.client sends X-API-Key to the service it was given, never to wherever a
+    redirect points (two local http.servers: one redirects, the other records headers)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pgasr.client import Client
+
+    seen: dict[str, dict] = {}
+
+    class Target(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen["target"] = {k.lower(): v for k, v in self.headers.items()}
+            body = b'{"scales": [2]}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_):
+            pass
+
+    target = ThreadingHTTPServer(("127.0.0.1", 0), Target)
+
+    class Redirect(Target):
+        def do_GET(self):
+            seen["origin"] = {k.lower(): v for k, v in self.headers.items()}
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{target.server_port}/v1/model")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    origin = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    for srv in (target, origin):
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        client = Client(f"http://127.0.0.1:{origin.server_port}", KEY, timeout=10)
+        assert client.model() == {"scales": [2]}
+    finally:
+        for srv in (target, origin):
+            srv.shutdown()
+            srv.server_close()
+    assert seen["origin"]["x-api-key"] == KEY
+    assert "x-api-key" not in seen["target"] and "authorization" not in seen["target"]
 
 
 # --------------------------------------------------------------------------- on Ray Serve
@@ -501,6 +921,18 @@ HTTP_BAD = {
     "slice_constant": ("/v1/sr/slice?scale=2", _npy(np.ones((8, 8), np.float32)), {}, 422),
     "slice_bad_flag": ("/v1/sr/slice?scale=2&normalise=maybe", _npy(np.ones((8, 8))), {}, 422),
     "unknown_route": ("/v1/nope", b"", {}, 404),
+    # bounded cost per request (issue 17)
+    # (-1, 256) over 51200 finite pixels: used to pass the 4096-pixel cap and be computed
+    "npy_negative_dim": ("/v1/sr/slice?scale=2", _npy_with_shape(
+        (-1, 256), (np.random.default_rng(5).random(51_200) * 100).astype("<f4").tobytes()), {}, 422),
+    "npy_zero_dim": ("/v1/sr/slice?scale=2", _npy_with_shape((3, 0, 16), bytes(1000)), {}, 422),
+    "gzip_member_flood": ("/v1/sr?scale=2", _members(D.MAX_GZIP_MEMBERS + 1, GZ), {}, 422),
+    "float128_slice": ("/v1/sr/slice?scale=2", _npy(np.ones((8, 8), np.longdouble)), {}, 422),
+    "float128_volume": ("/v1/sr?scale=2", _float128_nii(np.random.rand(8, 8, 3) + 1), {}, 422),
+    # 20000 voxels (= max_voxels) in, 80000 out at x2 (max_output_voxels: 40000)
+    "huge_output": ("/v1/sr?scale=2", _nii((np.random.default_rng(6).random((100, 100, 2)) * 100
+                                           + 1).astype(np.float32)), {}, 413),
+    "huge_output_claim": ("/v1/sr?scale=2", gzip.compress(_with_dims(RAW, [100, 100, 2])), {}, 413),
 }
 
 
@@ -512,19 +944,56 @@ def test_bad_input_is_json_4xx(served, case):
     assert _is_json_error(r, status), (r.status_code, r.text)
 
 
-def _mutations(rng: random.Random):
-    """(kind, path, body, headers) for hostile requests."""
+BOUNDED_COST_KINDS = ["npy_bad_dims", "gzip_members", "short_body", "wide_type", "huge_output"]
+
+
+def _bounded_cost_mutation(k: str, rng: random.Random, raw: bytes, gz: bytes,
+                           x4: bool) -> tuple[str, bytes, dict]:
+    """(path, body, headers) of the issue-17 kinds (limits: ``_overrides``): negative/zero
+    .npy dims, multi-member gzip, a body shorter than its Content-Length, float128/complex
+    voxels, outputs over max_output_voxels at x2 (and x4 when the checkpoint has it)."""
+    path, hdr = "/v1/sr?scale=2", dict(H)
+    if k == "npy_bad_dims":
+        body = _npy_with_shape(rng.choice(BAD_DIMS), bytes(rng.choice([0, 4096, 200_000])))
+        path = "/v1/sr/slice?scale=2"
+    elif k == "gzip_members":
+        n = rng.choice([3, 500, D.MAX_GZIP_MEMBERS + 1])
+        body = _members(n, gz if n > D.MAX_GZIP_MEMBERS else gz[: rng.randrange(0, len(gz) // 2)])
+    elif k == "short_body":  # sent stalled after these bytes (the client keeps the socket)
+        body = gz[: rng.randrange(1, len(gz))]
+        hdr["Content-Length"] = str(len(gz))
+    elif k == "wide_type":
+        vol = np.random.default_rng(rng.randrange(99)).random((8, 8, 3)) * 100 + 1
+        dtype = rng.choice([np.longdouble, np.complex128, np.complex64])
+        if rng.random() < 0.5:
+            body = _float128_nii(vol) if dtype is np.longdouble else _nii(vol.astype(dtype))
+        else:
+            body, path = _npy(vol[:, :, 0].astype(dtype)), "/v1/sr/slice?scale=2"
+    else:  # huge_output: within max_voxels / max_slice_pixels, over max_output_voxels
+        scale = 4 if x4 and rng.random() < 0.5 else 2
+        path = f"/v1/sr?scale={scale}"
+        if scale == 4 and rng.random() < 0.5:
+            body, path = _npy(np.ones((60, 60), np.float32)), "/v1/sr/slice?scale=4"
+        else:
+            body = gzip.compress(_with_dims(raw, [60, 60, 3] if scale == 4 else [100, 100, 2]))
+    return path, body, hdr
+
+
+def _mutations(rng: random.Random, x4: bool = False):
+    """(kind, path, body, headers) for hostile requests; ``x4``: the service has scale 4."""
     small = synthetic_volume((8, 8, 3), seed=1)
     raw, gz = image_to_bytes(small, gz=False), image_to_bytes(small)
     arr = _npy((np.random.default_rng(1).random((8, 8)) * 100).astype(np.float32))
     kinds = ["truncated", "bitflip_header", "wrong_dims", "huge_header", "nan", "random",
-             "oversize", "bad_scale", "no_key", "bad_ctype", "npy_header", "npy_truncated"]
+             "oversize", "bad_scale", "no_key", "bad_ctype", "npy_header", "npy_truncated",
+             *BOUNDED_COST_KINDS]
+    bad_scales = ["0", "-2", "3", "1e9", "%00", "x" * 300] + ([] if x4 else ["4"])
     while True:
         k = rng.choice(kinds)
         path, hdr = "/v1/sr?scale=2", dict(H)
-        if k == "truncated":
+        if k == "truncated":  # a .gz cut inside its 8-byte trailer still holds the whole image
             src = rng.choice([raw, gz])
-            body = src[: rng.randrange(0, len(src) - 1)]
+            body = src[: rng.randrange(0, len(src) - (8 if src is gz else 1))]
         elif k == "bitflip_header":
             b = bytearray(raw)
             for _ in range(rng.randint(1, 6)):
@@ -554,7 +1023,7 @@ def _mutations(rng: random.Random):
         elif k == "oversize":
             body = rng.randbytes(1024) * 260
         elif k == "bad_scale":
-            path = f"/v1/sr?scale={rng.choice(['0', '-2', '3', '4', '1e9', '%00', 'x' * 300])}"
+            path = f"/v1/sr?scale={rng.choice(bad_scales)}"
             body = gz
         elif k == "no_key":
             hdr = rng.choice([{}, {"X-API-Key": KEY[:-1]}, {"Authorization": "Bearer"}])
@@ -568,9 +1037,32 @@ def _mutations(rng: random.Random):
             i = rng.randrange(8, 80)
             b[i : i + 8] = rng.choice([b"(9999999", b"'<O',   ", b"\x00" * 8, b"((((((((", b"99999999"])
             body, path = bytes(b), "/v1/sr/slice?scale=2"
+        elif k in BOUNDED_COST_KINDS:
+            path, body, hdr = _bounded_cost_mutation(k, rng, raw, gz, x4)
         else:  # npy_truncated
             body, path = arr[: rng.randrange(0, len(arr) - 1)], "/v1/sr/slice?scale=2"
         yield k, path, body, hdr
+
+
+def _raw_post(path: str, body: bytes, headers: dict, timeout: float = 30.0,
+              port: int = PORT) -> tuple[int, str, bytes]:
+    """POST over a bare socket, sending exactly ``body`` whatever Content-Length says (a
+    short body keeps the connection open); returns (status, content type, content)."""
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode() + body)
+        resp = b""
+        while b"\r\n\r\n" not in resp:
+            resp += s.recv(65536) or b"\r\n\r\n"
+        top, _, content = resp.partition(b"\r\n\r\n")
+        lines = top.decode("latin-1").split("\r\n")
+        fields = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+        while len(content) < int(fields.get("content-length", 0)):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            content += chunk
+    return int(lines[0].split()[1]), fields.get("content-type", ""), content
 
 
 def _replica_pids(app: str) -> list[int]:
@@ -595,8 +1087,11 @@ FUZZ_RSS_GROWTH_MB = 100
 
 @pytest.mark.ray
 def test_hostile_input_fuzzer(served):
-    """500 hostile requests (fixed seed, loopback): every one answered with a JSON 4xx (a
-    header bit flip that leaves a valid image may legitimately give 200), never a 5xx, and
+    """500 hostile requests (fixed seed, loopback; the kinds of ``_mutations``, including
+    negative/zero .npy dims, multi-member gzip, short bodies sent over a bare socket,
+    float128/complex voxels and outputs over max_output_voxels): every one answered with a
+    JSON 4xx (a header bit flip that leaves a valid image may legitimately give 200), short
+    bodies with a 408, never a 5xx, and
     the same replica keeps serving; its resident memory grows by less than
     FUZZ_RSS_GROWTH_MB over the 500 (after a warm-up of 100 others and valid requests)."""
     replica = served.get("/readyz").json()["replica"]
@@ -605,8 +1100,12 @@ def test_hostile_input_fuzzer(served):
     def send(req):
         kind, path, body, hdr = req
         try:
+            if kind == "short_body":
+                st, ctype, content = _raw_post(path, body, hdr)
+                json_ok = ctype.startswith("application/json") and b'"error"' in content
+                return kind, st, "" if json_ok else content[:200]
             r = served.post(path, content=body, headers=hdr)
-        except httpx.HTTPError as e:  # the connection itself must not break either
+        except (httpx.HTTPError, OSError) as e:  # the connection itself must not break either
             return kind, -1, repr(e)
         if r.status_code == 200:
             return kind, 200, ""
@@ -635,13 +1134,28 @@ def test_hostile_input_fuzzer(served):
     assert all(k == "bitflip_header" for k, _, _ in ok), ok
     assert len(ok) < 50
     statuses = {st for _, st, _ in results}
-    assert {401, 413, 415, 422} <= statuses, statuses
+    assert {401, 408, 413, 415, 422} <= statuses, statuses
+    assert {st for k, st, _ in results if k == "short_body"} == {408}
     assert served.get("/healthz").status_code == 200
     assert served.get("/readyz").json()["replica"] == replica
     assert _replica_pids("pgasr") == [pid]
     assert rss_after - rss_before < FUZZ_RSS_GROWTH_MB, (rss_before, rss_after)
     r = served.post("/v1/sr?scale=2", content=GZ, headers=H)
     assert r.status_code == 200
+
+
+@pytest.mark.ray
+def test_short_body_is_408_over_http(served):
+    """Through Serve's proxy: a body shorter than its Content-Length is a JSON 408 after
+    serve.body_idle_timeout_s (1 s here), not after the 60 s request deadline, and the
+    replica's slot is free again."""
+    t0 = time.perf_counter()
+    status, ctype, content = _raw_post("/v1/sr?scale=2", GZ[:200],
+                                       {**H, "Content-Length": str(len(GZ))})
+    elapsed = time.perf_counter() - t0
+    assert status == 408 and ctype.startswith("application/json"), (status, content[:200])
+    assert b"serve.body_idle_timeout_s" in content and elapsed < 10, elapsed
+    assert served.get("/readyz").json()["inflight"] == 0
 
 
 @pytest.mark.ray
