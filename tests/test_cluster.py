@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import copy
 import importlib.util
+import ipaddress
 import json
 import os
 import re
@@ -109,6 +110,9 @@ def test_no_public_control_plane():
         for doc in load_docs(path):
             for where, value in strings(doc):
                 assert not re.search(r"dashboard-host[= ]+0\.0\.0\.0", value), (path, where)
+                if doc.get("kind") == "NetworkPolicy" and re.fullmatch(
+                        r"spec\.egress\[\d+\]\.to\[\d+\]\.ipBlock\.cidr", where):
+                    continue  # a destination range (0.0.0.0/0 except metadata), not a bind
                 if "0.0.0.0" in value:
                     # Allowed once: Serve's proxy inside the RayService pods, behind a
                     # ClusterIP Service (checked in test_rayservice_is_private_and_keyed).
@@ -124,7 +128,7 @@ def test_no_public_control_plane():
                 assert ports == {8000}, f"{path}: an Ingress may only reach Serve"
                 assert doc["spec"].get("tls"), f"{path}: Ingress without TLS"
             if doc.get("kind") == "NetworkPolicy":
-                for rule in doc["spec"]["ingress"]:
+                for rule in doc["spec"].get("ingress", []):
                     assert not any("ipBlock" in peer for peer in rule.get("from", [])), path
                     assert rule.get("from"), f"{path}: a rule without `from` admits everyone"
 
@@ -196,6 +200,51 @@ def test_launcher_is_private_and_token_protected(launcher):
     for rule in raw["provider"].get("security_group", {}).get("IpPermissions", []):
         opens = set(range(rule.get("FromPort", 0), rule.get("ToPort", 65535) + 1))
         assert not opens & RAY_PORTS, f"{name}: never open Ray ports to the outside"
+
+
+def _world_writable(mode: str) -> bool:
+    """Whether a chmod mode (octal, or symbolic like ``a+w``/``o=rwx``) grants others write."""
+    if re.fullmatch(r"[0-7]{1,4}", mode):
+        return bool(int(mode, 8) & 0o002)
+    for clause in mode.split(","):
+        m = re.fullmatch(r"([ugoa]*)([-+=])([rwxXst]*)", clause)
+        assert m, f"unparsed chmod mode {mode!r}"
+        who, op, perms = m.groups()
+        if op != "-" and "w" in perms and (not who or "o" in who or "a" in who):
+            return True
+    return False
+
+
+def test_world_writable_detects_modes():
+    assert _world_writable("1777") and _world_writable("777") and _world_writable("a+w")
+    assert _world_writable("o+rw") and _world_writable("+w") and _world_writable("u+x,o=w")
+    assert not _world_writable("2770") and not _world_writable("600")
+    assert not _world_writable("g+w") and not _world_writable("o-w")
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_launcher_shared_mount_is_group_private(name):
+    """The shared mount is not world-writable (it was `chmod 1777`): owner root, group pgasr
+    with one fixed gid on every node, mode 2770, set after mounting, and the container's
+    `ray` user (who runs every Ray process) is in that group."""
+    raw = yaml.safe_load((CLUSTER / name).read_text())
+    cmds = [c for k in ("initialization_commands", "setup_commands", "head_setup_commands",
+                        "worker_setup_commands", "head_start_ray_commands",
+                        "worker_start_ray_commands") for c in raw.get(k) or []]
+    for cmd in cmds:
+        for m in re.finditer(r"\bchmod\s+(?:-\S+\s+)*(\S+)", cmd):
+            assert not _world_writable(m[1]), f"{name}: world-writable `{m[0]}`"
+    init = raw["initialization_commands"]
+    mounted = [i for i, c in enumerate(init) if re.search(rf"\bmount\b.* {SHARED_MOUNT}\)?$", c)]
+    assert mounted, f"{name}: no command mounts {SHARED_MOUNT}"
+    after = " && ".join(init[mounted[0]:])
+    gid = re.search(r"groupadd --gid (\d+) pgasr\b", after)
+    assert gid, f"{name}: create group pgasr with a fixed gid (the same on every node)"
+    owner = after.find(f"chown root:pgasr {SHARED_MOUNT}")
+    mode = after.find(f"chmod 2770 {SHARED_MOUNT}")
+    assert gid.start() < owner < mode, f"{name}: groupadd, then chown root:pgasr, then chmod 2770"
+    assert f"--group-add {gid[1]}" in raw["docker"]["run_options"], (
+        f"{name}: the container's ray user must be in group pgasr (gid {gid[1]})")
 
 
 def test_fake_local_mirrors_aws():
@@ -336,6 +385,110 @@ def test_kuberay_cluster_spec_rules(where, spec):
         assert spec["enableInTreeAutoscaling"] is True and v2
 
 
+SA_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def pod_templates() -> list[tuple[str, dict | None, dict | None]]:
+    """Every pod our KubeRay manifests make: (where, pod template, autoscalerOptions where the
+    pod also runs KubeRay's autoscaler sidecar, else None). The RayJob's submitter pod is
+    one too (None when the manifest leaves it to KubeRay's default template)."""
+    out = []
+    for where, spec in cluster_specs():
+        auto = spec.get("autoscalerOptions", {}) if spec.get("enableInTreeAutoscaling") else None
+        for group, g in pod_groups(spec):
+            out.append((f"{where}/{group}", g["template"], auto if group == "head" else None))
+    for name, d in ray_docs():
+        if d["kind"] == "RayJob" and d["spec"].get("submissionMode", "K8sJobMode") == "K8sJobMode":
+            out.append((f"{name}:RayJob/submitter", d["spec"].get("submitterPodTemplate"), None))
+    return out
+
+
+POD_TEMPLATES = [pytest.param(w, t, a, id=w) for w, t, a in pod_templates()]
+
+
+def _token_volumes(pod: dict) -> dict[str, dict]:
+    return {v["name"]: v for v in pod.get("volumes", [])
+            if any("serviceAccountToken" in s for s in v.get("projected", {}).get("sources", []))}
+
+
+@pytest.mark.parametrize("where,template,auto", POD_TEMPLATES)
+def test_kuberay_no_api_token_except_the_autoscaler(where, template, auto):
+    """No pod mounts a Kubernetes API token (job code runs in all of them); where the head runs
+    KubeRay's autoscaler sidecar, only that container gets one, from a projected token volume
+    mounted through ``autoscalerOptions.volumeMounts`` at the path Ray's autoscaler reads."""
+    assert template is not None, (
+        f"{where}: KubeRay's default submitter template mounts the namespace's default token; "
+        "set submitterPodTemplate")
+    pod = template["spec"]
+    assert pod.get("automountServiceAccountToken") is False, where
+    tokens = _token_volumes(pod)
+    for c in pod["containers"] + pod.get("initContainers", []):
+        for m in c.get("volumeMounts", []):
+            assert m["name"] not in tokens, f"{where}/{c['name']}: mounts the API token"
+            assert not m["mountPath"].startswith("/var/run/secrets/kubernetes.io"), where
+    if auto is None:
+        assert not tokens, f"{where}: no autoscaler in this pod, so no token volume"
+        return
+    ((name, vol),) = tokens.items()
+    mounts = [m for m in auto.get("volumeMounts", []) if m["name"] == name]
+    assert mounts == [{"name": name, "mountPath": SA_TOKEN_DIR, "readOnly": True}], where
+    sources = vol["projected"]["sources"]
+    (sat,) = [s["serviceAccountToken"] for s in sources if "serviceAccountToken" in s]
+    # No audience: the API server's own; Kubernetes' bounds on expirationSeconds.
+    assert sat["path"] == "token" and "audience" not in sat, where
+    assert 600 <= sat.get("expirationSeconds", 3600) <= 86400, where
+    files = {i["path"] for s in sources for k in ("configMap", "downwardAPI")
+             for i in (s.get(k) or {}).get("items", [])}
+    assert {"ca.crt", "namespace"} <= files, where
+    # Where Ray 2.60's KubeRay node provider (the autoscaler) reads its credentials.
+    from ray.autoscaler._private.kuberay import node_provider
+
+    assert node_provider.IN_CLUSTER_TOKEN_PATH == f"{SA_TOKEN_DIR}/token"
+    assert node_provider.IN_CLUSTER_CA_CERT_PATH == f"{SA_TOKEN_DIR}/ca.crt"
+
+
+def test_kuberay_service_account_mounts_no_token():
+    (sa,) = [d for d in load_docs(KUBERAY / "prereqs.yaml") if d["kind"] == "ServiceAccount"]
+    assert sa["metadata"]["name"] == "pgasr-ray"
+    assert sa.get("automountServiceAccountToken") is False
+
+
+HARDENED = {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+@pytest.mark.parametrize("where,template,auto", POD_TEMPLATES)
+def test_kuberay_pods_and_containers_are_hardened(where, template, auto):
+    """securityContext on every pod and container, the autoscaler sidecar included: non-root,
+    no privilege escalation, no capabilities, RuntimeDefault seccomp, read-only root file
+    system, with an emptyDir for /tmp (Ray's session dir /tmp/ray) and, in Ray containers,
+    for ~/.cache (torch hub weights)."""
+    assert template is not None, f"{where}: set submitterPodTemplate"
+    pod = template["spec"]
+    psc = pod.get("securityContext") or {}
+    assert psc.get("runAsNonRoot") is True and psc.get("runAsUser", 0) > 0, where
+    assert psc.get("seccompProfile") == {"type": "RuntimeDefault"}, where
+    # shareProcessNamespace would let ray-head read the autoscaler's token via /proc/<pid>/root.
+    assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC",
+                                        "shareProcessNamespace")), where
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    containers = [(c["name"], c) for c in pod["containers"] + pod.get("initContainers", [])]
+    if auto is not None:
+        containers.append(("autoscaler", auto))
+    for cname, c in containers:
+        sc = c.get("securityContext") or {}
+        assert {k: sc.get(k) for k in HARDENED} == HARDENED, (where, cname, sc)
+        assert not sc.get("privileged") and sc.get("runAsUser", 1) != 0, (where, cname)
+        mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+        writable = ["/tmp"] + (["/home/ray/.cache"] if c is pod["containers"][0]
+                               and not where.endswith("/submitter") else [])
+        for path in writable:
+            assert path in mounts, f"{where}/{cname}: read-only root needs a volume at {path}"
+            assert "emptyDir" in volumes[mounts[path]["name"]], (where, cname, path)
+            assert not mounts[path].get("readOnly"), (where, cname, path)
+
+
 def test_rayjob_entrypoint_is_a_repo_job_with_a_valid_config():
     (job,) = load_docs(KUBERAY / "rayjob-stage2.yaml")
     spec = job["spec"]
@@ -398,6 +551,99 @@ def test_rayservice_is_private_and_keyed():
         env = {e["name"]: e for e in g["template"]["spec"]["containers"][0].get("env", [])}
         assert env["PGASR_API_KEYS"]["valueFrom"]["secretKeyRef"] == {
             "name": "pgasr-api-keys", "key": "api_keys"}, group
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """Whether a Kubernetes label selector matches ``labels``."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        ok = {"In": lambda: labels.get(e["key"]) in e["values"],
+              "NotIn": lambda: labels.get(e["key"]) not in e["values"],
+              "Exists": lambda: e["key"] in labels,
+              "DoesNotExist": lambda: e["key"] not in labels}[e["operator"]]()
+        if not ok:
+            return False
+    return True
+
+
+def _egress_allows(policies: list[dict], labels: dict, ip: str) -> bool:
+    """Whether NetworkPolicies (additive) let a pod with ``labels`` open connections to
+    ``ip``. No policy of type Egress selecting the pod: everything is allowed. Pod and
+    namespace selectors never match a non-pod address; ports are ignored (conservative)."""
+    addr = ipaddress.ip_address(ip)
+    egress = [p["spec"] for p in policies if _selects(p["spec"]["podSelector"], labels)
+              and "Egress" in p["spec"].get("policyTypes",
+                                            ["Ingress", "Egress"] if "egress" in p["spec"]
+                                            else ["Ingress"])]
+    if not egress:
+        return True
+    for spec in egress:
+        for rule in spec.get("egress", []):
+            if not rule.get("to"):
+                return True  # a rule without `to` allows every destination
+            for peer in rule["to"]:
+                block = peer.get("ipBlock")
+                if block and addr.version == ipaddress.ip_network(block["cidr"]).version \
+                        and addr in ipaddress.ip_network(block["cidr"]) \
+                        and not any(addr in ipaddress.ip_network(x)
+                                    for x in block.get("except", [])
+                                    if ipaddress.ip_network(x).version == addr.version):
+                    return True
+    return False
+
+
+METADATA_IPS = ["169.254.169.254", "fd00:ec2::254"]  # EC2/GCE metadata; EC2 IMDS on IPv6
+
+
+def _network_policies() -> list[dict]:
+    return [d for name in KUBERAY_MANIFESTS for d in load_docs(KUBERAY / name)
+            if d["kind"] == "NetworkPolicy"]
+
+
+@pytest.mark.parametrize("where,template,auto", POD_TEMPLATES)
+def test_networkpolicy_denies_cloud_metadata(where, template, auto):
+    """No Ray pod can reach the instance metadata service (the node's cloud credentials), and
+    egress elsewhere stays open (object storage, registry, DNS)."""
+    policies = _network_policies()
+    labels = (template or {}).get("metadata", {}).get("labels", {})
+    for ip in METADATA_IPS:
+        assert not _egress_allows(policies, labels, ip), f"{where}: egress to {ip} allowed"
+    for ip in ("52.218.128.1", "8.8.8.8", "2600:1f14::1"):  # S3, public DNS, an AWS v6
+        assert _egress_allows(policies, labels, ip), f"{where}: egress to {ip} blocked"
+
+
+def test_metadata_check_is_not_vacuous():
+    policies = _network_policies()
+    labels = {"app.kubernetes.io/part-of": "pgasr"}
+    assert not _egress_allows(policies, labels, "169.254.169.254")
+    assert _egress_allows([], labels, "169.254.169.254")  # no policy: open
+    opened = copy.deepcopy(policies)
+    for p in opened:
+        for rule in p["spec"].get("egress", []):
+            for peer in rule.get("to", []):
+                peer.get("ipBlock", {}).pop("except", None)
+    assert _egress_allows(opened, labels, "169.254.169.254")
+    extra = copy.deepcopy(policies) + [{"spec": {"podSelector": {}, "policyTypes": ["Egress"],
+                                                  "egress": [{}]}}]
+    assert _egress_allows(extra, labels, "169.254.169.254")  # policies add up
+
+
+def test_request_timeouts_nest_app_serve_ingress():
+    """The app's deadline (serve.request_timeout_s) < Serve's proxy timeout
+    (http_options.request_timeout_s) < the Ingress read timeout: a slow request ends in the
+    app's own JSON 408/504, not in a proxy's plain-text 408 or nginx's HTML 504."""
+    _, serve_cfg = _serve_config()
+    (app,) = serve_cfg.applications
+    from pgasr.config import load_config
+
+    app_s = load_config(str(ROOT / app.args["config"]),
+                        list(app.args["overrides"])).serve.request_timeout_s
+    serve_s = serve_cfg.http_options.request_timeout_s
+    assert serve_s is not None and serve_s > app_s, (serve_s, app_s)
+    (ing,) = load_docs(KUBERAY / "ingress-serve.yaml")
+    read_s = float(ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-read-timeout"])
+    assert read_s > serve_s, (read_s, serve_s)
 
 
 # --------------------------------------------------------------------------- image and docs
