@@ -151,6 +151,7 @@ def compare_with_pgasr(checkpoint: str, data_dir: str, scale: int, *, seconds: f
 
     Returns ``{"seconds", "steps", "slices", "psnr": {method: mean}, "ssim": {method: mean}}``.
     """
+    from pgasr.consistency import back_project
     from pgasr.data.batches import read_split
     from pgasr.inference import Predictor
 
@@ -163,16 +164,22 @@ def compare_with_pgasr(checkpoint: str, data_dir: str, scale: int, *, seconds: f
     if save_to:
         save_cnn(cnn, save_to, {"scale": scale, "data": str(data_dir), **info})
     pred = Predictor.from_checkpoint(checkpoint, device="cpu")
+    inf = pred.cfg.inference
     prior_col = schema.prior_lr_column(scale)
     scores: dict[str, dict[str, list]] = {"psnr": {}, "ssim": {}}
     with torch.no_grad():
         for b in iter_batches(test, 8, shuffle=False):
             lr_up, hr = _centre(b, scale)
+            lr = to_lr_units(b, scale)[schema.lr_column(scale)]
             sr = torch.from_numpy(pred.predict_triplets(
-                to_lr_units(b, scale)[schema.lr_column(scale)], scale,
-                b[prior_col] if prior_col in b else None))[:, None]
+                lr, scale, b[prior_col] if prior_col in b else None))[:, None]
             dr = (hr.flatten(1).max(1).values - hr.flatten(1).min(1).values).clamp_min(1e-6)
-            for name, img in (("bicubic", lr_up), ("residual_cnn", cnn(lr_up)), ("pgasr", sr)):
+            c = cnn(lr_up)
+            # the CNN with PGASR's data-consistency step too, so that step is not what decides
+            c_bp = back_project(c[:, 0], torch.from_numpy(np.ascontiguousarray(lr[:, 1])),
+                                inf.back_projection_steps, inf.back_projection_weight)[:, None]
+            for name, img in (("bicubic", lr_up), ("residual_cnn", c),
+                              ("residual_cnn_bp", c_bp), ("pgasr", sr)):
                 scores["psnr"].setdefault(name, []).append(psnr(img, hr, dr))
                 scores["ssim"].setdefault(name, []).append(ssim(img, hr, dr))
     out = {k: {m: float(torch.cat(v).mean()) for m, v in d.items()} for k, d in scores.items()}

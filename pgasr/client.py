@@ -138,7 +138,8 @@ class Client:
 
     def sr_slice(self, lr, scale: int, normalise: bool = True):
         """SR of one slice: ``lr`` is (h, w) or a (3, h, w) triplet (t-1, t, t+1), in any
-        units (z-scored per request) or already z-scored with ``normalise=False``.
+        units (mapped to model units per request) or already in model units with
+        ``normalise=False``.
 
         Returns:
             (h*scale, w*scale) float32 numpy array.
@@ -216,7 +217,7 @@ def register(subparsers) -> None:
     s = sub.add_parser("slice", help="super-resolve one .npy slice (h, w) or triplet (3, h, w)")
     common(s)
     s.add_argument("--scale", type=int, default=2)
-    s.add_argument("--no-normalise", action="store_true", help="input is already z-scored")
+    s.add_argument("--no-normalise", action="store_true", help="input is already in model units (pgasr.intensity)")
     s.add_argument("input", help=".npy")
     s.add_argument("output", help=".npy")
     s.set_defaults(func=cmd_slice)

@@ -106,12 +106,18 @@ class InferenceConfig:
     filled, dilated by ``mask_dilate`` HR pixels, feathered over ``mask_feather`` pixels) the
     output is the bicubic interpolation of the input, so air and zero-filled regions stay
     what they were. ``model`` uses the network's output everywhere.
+
+    Before that, the output is back-projected onto the LR input ``back_projection_steps`` times
+    with step ``back_projection_weight`` (:mod:`pgasr.consistency`).
     """
 
     background: str = "bicubic"  # bicubic | model
     background_threshold: float = 0.1  # model units: the head mean is 1 (pgasr.intensity)
     mask_dilate: int = 3  # HR pixels
     mask_feather: float = 1.5  # Gaussian sigma of the mask edge, HR pixels
+    # Iterative back-projection of the output onto the LR input (pgasr.consistency); 0 = off.
+    back_projection_steps: int = 3
+    back_projection_weight: float = 0.5
 
 
 @dataclass
@@ -414,6 +420,9 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
                           f"got {inf.background!r}")
     if inf.mask_dilate < 0 or inf.mask_feather < 0:
         raise ConfigError(f"{source}: inference.mask_dilate and mask_feather must be >= 0")
+    if inf.back_projection_steps < 0 or not 0 < inf.back_projection_weight <= 1:
+        raise ConfigError(f"{source}: inference.back_projection_steps must be >= 0 and "
+                          "back_projection_weight in (0, 1]")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

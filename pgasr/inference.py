@@ -21,6 +21,7 @@ import torch
 
 from pgasr import steps
 from pgasr.background import keep_background
+from pgasr.consistency import back_project
 from pgasr.intensity import intensity_stats
 from pgasr.models import build_stage1, build_stage2
 from pgasr.checkpoint import Checkpoint, load_checkpoint
@@ -134,19 +135,29 @@ class Predictor:
             prior_t = torch.from_numpy(pri).reshape(b, 3, H, W)
         else:
             prior_t = torch.as_tensor(np.asarray(prior_lr, dtype=np.float32))
-        return self._forward(lr_up, prior_t)
+        return self._forward(lr_up, prior_t, lr_t[:, 1])
 
-    def _forward(self, lr_up: torch.Tensor, prior: torch.Tensor | None) -> np.ndarray:
+    def _forward(self, lr_up: torch.Tensor, prior: torch.Tensor | None,
+                 lr: torch.Tensor) -> np.ndarray:
+        """Network -> back-projection onto the LR centre slices -> input's background.
+
+        Args:
+            lr_up: (B, 3, H, W) upsampled triplets; prior: their priors or None;
+            lr: (B, h, w) the LR centre slices.
+        """
         # The model pads any H, W to its latent factor / window and crops back.
         H, W = lr_up.shape[-2:]
+        inf = self.cfg.inference
         outs = []
         for i in range(0, len(lr_up), self.batch_size):
-            x = lr_up[i : i + self.batch_size].to(self.device)
-            p = None if prior is None else prior[i : i + self.batch_size].to(self.device)
+            sl = slice(i, i + self.batch_size)
+            x = lr_up[sl].to(self.device)
+            p = None if prior is None else prior[sl].to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 sr = self.model(x, p)
             sr = sr.float()[:, 0, :H, :W].cpu()
-            outs.append(keep_background(sr, lr_up[i : i + self.batch_size, 1], self.cfg.inference))
+            sr = back_project(sr, lr[sl], inf.back_projection_steps, inf.back_projection_weight)
+            outs.append(keep_background(sr, lr_up[sl, 1], inf))
         return torch.cat(outs).numpy()
 
     # ------------------------------------------------------------------ volumes
@@ -182,7 +193,7 @@ class Predictor:
             if self.acg:
                 pri = torch.from_numpy(self.prior(lr_up.numpy()).astype(np.float32))
                 ptrip = torch.stack([pri[i : i + 3] for i in range(stop - start)])
-            sr = self._forward(trip, ptrip)  # (k, H, W)
+            sr = self._forward(trip, ptrip, lr[1 : stop - start + 1])  # (k, H, W)
             out[:, :, start:stop] = np.moveaxis(sr, 0, 2)
             if progress is not None:
                 progress(stop, n)

@@ -882,6 +882,7 @@ def render_markdown(results: dict, md_path: Path, out_dir: Path) -> str:
             L += [f"Fig. 4 style, x{s}: LR / bicubic / residual CNN / PGASR / HR / error map.", "",
                   f"![fig4 x{s}]({rel}/{figs[f'fig4_x{s}']})", ""]
     L += _discussion(results)
+    L += _real_scans_section(md_path)
     L += ["## Other benchmarks", ""]
     for name, c in results.get("collected", {}).items():
         if "missing" in c:
@@ -904,6 +905,30 @@ def render_markdown(results: dict, md_path: Path, out_dir: Path) -> str:
                  f"{r.get('steps', '—')} |")
     L.append("")
     return "\n".join(L)
+
+
+REAL_SCANS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "real_scans"
+
+
+def _real_scans_section(md_path: Path) -> list[str]:
+    """The real-scan generalization check (``benchmarks/real_scans.py``), when it has run:
+    its own JSON, rendered by its own ``to_markdown``, with figure paths relative to the page."""
+    src = REAL_SCANS / "real_scans.json"
+    if not src.is_file():
+        return ["## Real scans", "", "not run (`python benchmarks/real_scans.py` after "
+                "`make demo`).", ""]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_scans_md", REAL_SCANS.parent.parent
+                                                  / "real_scans.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = json.loads(src.read_text())
+    prefix = os.path.relpath(REAL_SCANS, md_path.parent) + "/"
+    return ["## Real scans (generalization check)", "",
+            "Model: " + ", ".join(f"x{k} `{v}`" for k, v in r["checkpoints"].items())
+            + f"; residual CNN `{r['cnn']}` (x{r.get('cnn_scale')}), both from `make demo`.", "",
+            mod.to_markdown(r, fig_prefix=prefix), ""]
 
 
 def _discussion(results: dict) -> list[str]:

@@ -252,7 +252,9 @@ def stage2_step(model: nn.Module, batch: Mapping[str, torch.Tensor], cfg) -> Sta
     """Loss of one stage-2 step: L1 + alpha1*L_align_s + alpha2*L_align_d (Eq. 5).
 
     Terms switched off by ``stage2.align_s`` / ``stage2.align_d`` are not computed (the
-    neighbours' distributions and the HR pass through Ê are skipped). ``stage2.commit_weight``
+    neighbours' distributions and the HR pass through Ê are skipped). ``stage2.feature_weight``
+    > 0 adds ``||z^t - sg[Ê(HR)]||^2`` (CodeFormer-style dense target; not in the paper).
+    ``stage2.commit_weight``
     > 0 adds ``||sg[z_q] - E(x)||^2`` (not in the paper; 0 by default).
 
     Args:
@@ -304,6 +306,12 @@ def stage2_step(model: nn.Module, batch: Mapping[str, torch.Tensor], cfg) -> Sta
         loss = loss + s2.alpha2 * l_d
         metrics["align_d"] = _f(l_d)
         metrics["code_match"] = float((out.indices == out.indices_hr).float().mean())
+    if s2.feature_weight > 0:
+        if out.z_hr is None:
+            raise ValueError("stage2.feature_weight > 0 needs stage2.align_d (the HR pass through Ê)")
+        feat = F.mse_loss(out.z.float(), out.z_hr.detach().float())
+        loss = loss + s2.feature_weight * feat
+        metrics["feature"] = _f(feat)
     if s2.commit_weight > 0:
         commit = F.mse_loss(out.z.float(), out.z_q.detach().float())
         loss = loss + s2.commit_weight * commit

@@ -44,6 +44,7 @@ def test_stage1_learns_and_stage2_beats_bicubic(tmp_path):
     cmp = compare_with_pgasr(str(tmp_path / "s2"), cfg.data.prepared_dir, 2, seconds=5)
     print("same test slices:", cmp["psnr"])
     assert cmp["steps"] > 0 and cmp["slices"] == cfg.data.slices_per_volume * cfg.data.test_subjects
-    assert set(cmp["psnr"]) == set(cmp["ssim"]) == {"bicubic", "residual_cnn", "pgasr"}
+    assert set(cmp["psnr"]) == set(cmp["ssim"]) == {"bicubic", "residual_cnn", "residual_cnn_bp",
+                                                     "pgasr"}
     assert all(10 < v < 60 for v in cmp["psnr"].values())
     assert cmp["psnr"]["residual_cnn"] > cmp["psnr"]["bicubic"] - 0.05  # starts as bicubic

@@ -238,6 +238,27 @@ def test_stage2_bf16_and_commit():
     assert "commit" in m and all(torch.isfinite(torch.tensor(v)) for v in m.values())
 
 
+def test_stage2_feature_target_pulls_e_towards_e_hat_of_hr():
+    cfg = tiny_cfg()
+    cfg.stage2.feature_weight = 1.0
+    _, s2 = _stage2(cfg)
+    b = s2_batch()
+    out = stage2_step(s2, b, cfg)
+    with torch.no_grad():
+        full = s2(upsample_lr(b["lr"], b["hr"].shape[-2:]), b["prior_lr"], hr=b["hr"][:, 1:2],
+                  prior_hr=b["prior_hr"][:, 1:2], return_all=True)
+    want = torch.nn.functional.mse_loss(full.z, full.z_hr)
+    assert out.metrics["feature"] == pytest.approx(float(want), rel=1e-5)
+    # the term reaches E and nothing frozen
+    s2.zero_grad()
+    out.loss.backward()
+    assert s2.encoder.conv_in.weight.grad is not None
+    assert all(p.grad is None for p in s2.encoder_hat.parameters())
+    cfg.stage2.align_d = False
+    with pytest.raises(ValueError, match="feature_weight"):
+        stage2_step(s2, b, cfg)
+
+
 @pytest.mark.slow
 def test_stage2_learns():
     cfg = tiny_cfg()

@@ -91,6 +91,9 @@ class Stage2Config:
     # between a gain and a loss over bicubic (docs/model.md, "Stage-2 encoder init").
     encoder_init: str = "scratch"
     commit_weight: float = 0.0  # optional ||sg[z_q] - E(x)||^2 term; 0 = Eq. 5 exactly
+    # Beyond the paper (CodeFormer's L_feat): weight of ||z^t - sg[Ê(HR)]||^2, a dense target
+    # for E's features from the frozen Ê (computed anyway for L_align_d). 0 = Eq. 5 exactly.
+    feature_weight: float = 0.0
     scale: int = 2
     stage1_checkpoint: str = ""
     max_steps: int = 0

@@ -158,6 +158,7 @@ class Stage2Output:
         z_q: (B, n_z, h, w) quantized centre features (straight-through).
         log_probs_hr: (B, N, h, w) log a_HR^t from the frozen Ê, or None.
         indices_hr: (B, h, w) HR codes of the centre slice, or None.
+        z_hr: (B, n_z, h, w) the frozen Ê's features of the HR centre slice, or None.
     """
 
     sr: torch.Tensor
@@ -167,6 +168,7 @@ class Stage2Output:
     z_q: torch.Tensor
     log_probs_hr: torch.Tensor | None = None
     indices_hr: torch.Tensor | None = None
+    z_hr: torch.Tensor | None = None
 
     @property
     def centre_log_probs(self) -> torch.Tensor:
@@ -362,7 +364,8 @@ class Stage2Model(nn.Module):
         if hr is not None:
             with torch.no_grad():
                 x = pad_to_multiple(_input(hr, prior_hr, self.acg), self.latent_factor)
-                d_hr = self.quantizer.distances(self.encoder_hat(x))
+                out.z_hr = self.encoder_hat(x)
+                d_hr = self.quantizer.distances(out.z_hr)
             out.log_probs_hr = code_log_probs(d_hr, self.tau)
             out.indices_hr = d_hr.argmin(1)
         return out
