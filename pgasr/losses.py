@@ -230,7 +230,17 @@ def align_s_loss(log_prev: torch.Tensor, log_centre: torch.Tensor, log_next: tor
     return kl_codes(log_prev, log_centre) + kl_codes(log_centre, log_next)
 
 
-def align_d_loss(log_centre: torch.Tensor, log_hr: torch.Tensor) -> torch.Tensor:
-    """L_align_d = KL(a^t || a^t_HR) (Sec. 2.2); ``log_hr`` comes from the frozen Ê and is
-    detached, so only E (and SCAB) move."""
-    return kl_codes(log_centre, log_hr.detach())
+def align_d_loss(log_centre: torch.Tensor, log_hr: torch.Tensor,
+                 direction: str = "paper") -> torch.Tensor:
+    """L_align_d between the LR code probabilities a^t and the frozen Ê's a^t_HR (Sec. 2.2).
+
+    ``direction="paper"``: KL(a^t || a^t_HR), the paper's D_KL(a^t, a^t_HR) (mode-seeking in
+    a^t). ``"forward"``: KL(a^t_HR || a^t), the cross-entropy of a^t under the HR codes up to a
+    constant (mass-covering: every code Ê uses gets probability). ``log_hr`` is detached, so
+    only E (and SCAB) move.
+    """
+    if direction == "paper":
+        return kl_codes(log_centre, log_hr.detach())
+    if direction == "forward":
+        return kl_codes(log_hr.detach(), log_centre)
+    raise ValueError(f"stage2.align_d_direction must be 'paper' or 'forward', got {direction!r}")

@@ -219,9 +219,12 @@ def stage1_update(
 def make_stage1_optimizers(
     cfg, model: nn.Module, disc: nn.Module | None
 ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
-    """Adam(lr=stage1.lr, betas=(0.5, 0.9)) for Ê+Z+G and for D (taming's VQGAN betas)."""
-    opt_g = torch.optim.Adam(model.parameters(), lr=cfg.stage1.lr, betas=(0.5, 0.9))
-    opt_d = None if disc is None else torch.optim.Adam(disc.parameters(), lr=cfg.stage1.lr, betas=(0.5, 0.9))
+    """Adam(lr=stage1.lr, betas=stage1.adam_betas) for Ê+Z+G and for D (default: taming's
+    VQGAN betas (0.5, 0.9))."""
+    betas = tuple(float(b) for b in cfg.stage1.adam_betas)
+    opt_g = torch.optim.Adam(model.parameters(), lr=cfg.stage1.lr, betas=betas)
+    opt_d = None if disc is None else torch.optim.Adam(disc.parameters(), lr=cfg.stage1.lr,
+                                                       betas=betas)
     return opt_g, opt_d
 
 
@@ -302,7 +305,7 @@ def stage2_step(model: nn.Module, batch: Mapping[str, torch.Tensor], cfg) -> Sta
         loss = loss + s2.alpha1 * l_s
         metrics["align_s"] = _f(l_s)
     if s2.align_d:
-        l_d = align_d_loss(out.centre_log_probs, out.log_probs_hr)
+        l_d = align_d_loss(out.centre_log_probs, out.log_probs_hr, s2.align_d_direction)
         loss = loss + s2.alpha2 * l_d
         metrics["align_d"] = _f(l_d)
         metrics["code_match"] = float((out.indices == out.indices_hr).float().mean())
@@ -332,8 +335,9 @@ def stage2_update(
 
 
 def make_stage2_optimizer(cfg, model: nn.Module) -> torch.optim.Adam:
-    """Adam(lr=stage2.lr) over the trainable parameters (E, SCAB) only."""
+    """Adam(lr=stage2.lr, betas=stage2.adam_betas) over the trainable parameters (E, SCAB)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("stage-2 model has no trainable parameters")
-    return torch.optim.Adam(params, lr=cfg.stage2.lr)
+    return torch.optim.Adam(params, lr=cfg.stage2.lr,
+                            betas=tuple(float(b) for b in cfg.stage2.adam_betas))

@@ -137,6 +137,18 @@ def _lr_factor(cfg_stage, epoch: int) -> float:
     return 0.5 ** (epoch // max(1, cfg_stage.lr_halve_every))
 
 
+def _warmup(cfg_stage, step: int) -> float:
+    """Linear warm-up factor for optimisation step ``step`` (0-based): (step + 1) / warmup."""
+    n = int(getattr(cfg_stage, "warmup_steps", 0) or 0)
+    return 1.0 if n <= 0 else min(1.0, (step + 1) / n)
+
+
+def _clip(optim: torch.optim.Optimizer, max_norm: float) -> None:
+    if max_norm > 0:
+        params = [p for g in optim.param_groups for p in g["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
 def fit(
     stage: int,
     cfg: RunConfig,
@@ -255,17 +267,24 @@ def fit(
                     raise FloatingPointError(msg + " (nan_policy=error or >10 in a row)")
                 log.warning("%s: skipped (%d so far)", msg, nan_skipped)
                 continue
+            lr_now = sc.lr * _lr_factor(sc, epoch) * _warmup(sc, step)
+            for o in optims.values():
+                for g in o.param_groups:
+                    g["lr"] = lr_now
             if stage == 1:  # same order as steps.stage1_update: G then D
                 optims["opt_g"].zero_grad(set_to_none=True)
                 o1.loss_g.backward()
+                _clip(optims["opt_g"], sc.grad_clip)
                 optims["opt_g"].step()
                 if o1.loss_d is not None:
                     optims["opt_d"].zero_grad(set_to_none=True)
                     o1.loss_d.backward()
+                    _clip(optims["opt_d"], sc.grad_clip)
                     optims["opt_d"].step()
             else:
                 optims["opt"].zero_grad(set_to_none=True)
                 o2.loss.backward()
+                _clip(optims["opt"], sc.grad_clip)
                 optims["opt"].step()
             consecutive_nan = 0
             for k, v in out.items():

@@ -126,3 +126,16 @@ def test_align_losses():
     lh = torch.randn(1, 8, 2, 2, requires_grad=True)
     L.align_d_loss(torch.log_softmax(lt, 1), torch.log_softmax(lh, 1)).backward()
     assert lt.grad.abs().sum() > 0 and lh.grad is None  # a_HR is a fixed target
+
+
+def test_align_d_forward_direction():
+    lt = torch.randn(2, 8, 3, 3, requires_grad=True)
+    lh = torch.randn(2, 8, 3, 3, requires_grad=True)
+    a, h = torch.log_softmax(lt, 1), torch.log_softmax(lh, 1)
+    fwd = L.align_d_loss(a, h, "forward")
+    assert float(fwd) == pytest.approx(float(L.kl_codes(h, a)))
+    assert float(fwd) != pytest.approx(float(L.align_d_loss(a, h, "paper")))
+    fwd.backward()
+    assert lt.grad.abs().sum() > 0 and lh.grad is None
+    with pytest.raises(ValueError, match="align_d_direction"):
+        L.align_d_loss(a, h, "backward")

@@ -325,3 +325,24 @@ def test_ddp_two_workers_stay_in_sync(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
+def test_optimiser_settings_from_config():
+    from pgasr.training import _clip, _warmup
+
+    cfg = tiny_cfg()
+    model, disc = build_stage1(cfg)
+    opt_g, opt_d = make_stage1_optimizers(cfg, model, disc)
+    assert opt_g.defaults["betas"] == (0.5, 0.9) == opt_d.defaults["betas"]  # taming, GAN on
+    cfg.stage1.adam_betas = [0.9, 0.99]
+    assert make_stage1_optimizers(cfg, model, None)[0].defaults["betas"] == (0.9, 0.99)
+    cfg.stage1.warmup_steps = 4
+    assert [_warmup(cfg.stage1, s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cfg.stage1.warmup_steps = 0
+    assert _warmup(cfg.stage1, 0) == 1.0
+    # clipping bounds the global gradient norm of the optimiser's parameters
+    out = stage1_step(model, None, s1_batch(), cfg, step=0)
+    out.loss_g.backward()
+    _clip(opt_g, 1e-3)
+    norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None))
+    assert float(norm) <= 1e-3 * 1.001

@@ -63,6 +63,11 @@ class Stage1Config:
     crop: int = 0
     dead_code_restart: bool = False
     dead_code_after: int = 200  # steps without use before a code counts as dead
+    # Optimisation: Adam betas (taming's (0.5, 0.9) suit the GAN; (0.9, 0.99) while it is off),
+    # linear learning-rate warm-up over the first steps, gradient-norm clipping (0 = off).
+    adam_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    warmup_steps: int = 0
+    grad_clip: float = 0.0
     log_every: int = 50
     val_every: int = 1  # epochs
     bf16: bool = False
@@ -85,6 +90,8 @@ class Stage2Config:
     tau: float = 1.0
     align_s: bool = True
     align_d: bool = True
+    # paper: KL(a^t || a_HR) as written in Sec. 2.2; forward: KL(a_HR || a^t) (mass-covering)
+    align_d_direction: str = "paper"
     # E's initial weights: "scratch" (the paper: a fresh encoder) or "stage1" (a copy of the
     # trained Ê, as CodeFormer's stage II does). LR inputs look like blurred HR, so the copy
     # starts near bicubic quality instead of from noise; at CPU budgets this is the difference
@@ -98,6 +105,9 @@ class Stage2Config:
     stage1_checkpoint: str = ""
     max_steps: int = 0
     crop: int = 0  # random crop side in HR pixels (multiple of scale); 0 = whole slices
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    grad_clip: float = 0.0
     log_every: int = 50
     val_every: int = 1
     bf16: bool = False
