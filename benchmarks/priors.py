@@ -155,7 +155,7 @@ def main() -> None:
     n_rows, n_slices = len(rows[schema.HR]), len(slices)
     print(f"workload: {n_rows} rows -> {n_slices} slice-priors "
           f"({len({s.tobytes() for s in slices})} distinct), {args.size}x{args.size}")
-    ray.init(num_cpus=max(4, args.actors + 2), object_store_memory=200_000_000,
+    ray.init(address="local", num_cpus=max(4, args.actors + 2), object_store_memory=200_000_000,
              include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     results: dict[str, dict] = {}

@@ -143,7 +143,7 @@ def main() -> None:
         image_to_bytes(out)
 
     # logical CPUs for three replicas (1 + 2) and the proxy; only the busy ones use cores
-    ray.init(num_cpus=max(2, math.ceil(3 * a.cpus) + 1), num_gpus=math.ceil(3 * a.gpus) or None,
+    ray.init(address="local", num_cpus=max(2, math.ceil(3 * a.cpus) + 1), num_gpus=math.ceil(3 * a.gpus) or None,
              include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}})
     load_before = os.getloadavg()

@@ -70,7 +70,7 @@ def main() -> None:
     plain = train_local(1, cfg1, cfg1.data.prepared_dir, tmp / "plain", progress=False)
     plain_wall = time.perf_counter() - t0
 
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200_000_000,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=200_000_000,
              log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     results = {"plain": {"step_s": _step_time(plain.history), "wall_s": plain_wall,
                          "steps": plain.steps}}
