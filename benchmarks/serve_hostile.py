@@ -141,15 +141,7 @@ def main() -> int:
         serve.run(build_app({"config": None, "overrides": overrides}), name="pgasr",
                   route_prefix="/", blocking=False)
         with httpx.Client(base_url=url, timeout=60) as c:
-            end = time.monotonic() + 180
-            while True:
-                try:
-                    if c.get("/readyz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < end, "the service did not become ready"
-                time.sleep(0.5)
+            T.wait_ready(c, 180)
             replica = c.get("/readyz").json()["replica"]
             (pid,) = T._replica_pids("pgasr")
             send = make_sender(T, c, a.port)

@@ -187,6 +187,7 @@ def make_trainer(stage: int, cfg: RunConfig, *, name: str | None = None,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pgasr.data.batches import stage_columns
     from pgasr.data.prepare import data_meta
     from pgasr.priors import build_prior
 
@@ -194,17 +195,7 @@ def make_trainer(stage: int, cfg: RunConfig, *, name: str | None = None,
     train_files = sorted(str(p) for p in (src / "train").glob("*.parquet"))
     if not train_files:
         raise FileNotFoundError(f"no training shards in {src / 'train'}")
-    scale = cfg.stage2.scale
-    columns = [schema.HR, schema.prior_hr_column()] if stage == 1 else [
-        schema.HR, schema.lr_column(scale), schema.prior_hr_column(), schema.prior_lr_column(scale)]
-    if not cfg.model.acg:
-        columns = [c for c in columns if not c.startswith("prior")]
-    if stage == 2:  # the LR volume's intensity statistics (pgasr.intensity), when prepared
-        import pyarrow.parquet as pq
-
-        norm = schema.lr_norm_column(scale)
-        if norm in pq.read_schema(train_files[0]).names:
-            columns.append(norm)
+    columns = stage_columns(stage, cfg.stage2.scale, cfg.model.acg, train_files[0])
     datasets = {"train": ray.data.read_parquet(train_files).select_columns(columns)}
     val_files = sorted(str(p) for p in (src / "val").glob("*.parquet"))
     if val_files:

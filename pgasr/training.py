@@ -342,22 +342,12 @@ def train_local(stage: int, cfg: RunConfig, data_dir: str | Path, out_dir: str |
     from tqdm.auto import tqdm
 
     from pgasr.data import schema
-    from pgasr.data.batches import iter_batches, read_split
+    from pgasr.data.batches import iter_batches, read_split, split_files, stage_columns
     from pgasr.provenance import CHECKPOINT_MARKER, check_replaceable, sha256_file
 
     check_replaceable(out_dir, CHECKPOINT_MARKER)  # fail now, not after the first epoch
-    scale = cfg.stage2.scale
-    cols = [schema.HR, schema.prior_hr_column()] if stage == 1 else [
-        schema.HR, schema.lr_column(scale), schema.prior_hr_column(), schema.prior_lr_column(scale)]
-    if not cfg.model.acg:
-        cols = [c for c in cols if not c.startswith("prior")]
-    if stage == 2:  # the LR volume's intensity statistics (pgasr.intensity), when prepared
-        import pyarrow.parquet as pq
-
-        from pgasr.data.batches import split_files
-
-        if schema.lr_norm_column(scale) in pq.read_schema(split_files(data_dir, "train")[0]).names:
-            cols.append(schema.lr_norm_column(scale))
+    cols = stage_columns(stage, cfg.stage2.scale, cfg.model.acg,
+                         split_files(data_dir, "train")[0])
     train = read_split(data_dir, "train", cols)
     try:
         val = read_split(data_dir, "val", cols)

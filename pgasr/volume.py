@@ -18,6 +18,7 @@ from pgasr.data.ixi import image_to_bytes, read_nifti_file
 
 __all__ = [
     "check_volume",
+    "degrade_slices",
     "degrade_volume",
     "degrade_volume_file",
     "rescale_affine",
@@ -84,11 +85,20 @@ def degrade_volume(
     x, y, z = vol.shape
     if x % scale or y % scale:
         raise ValueError(f"in-plane size {x}x{y} is not divisible by {scale}")
-    lr = np.stack(
-        [degrade(vol[:, :, k], scale, slice_rng(seed, "volume", k, scale), cfg) for k in range(z)],
-        axis=2,
-    )
-    return volume_image(lr, rescale_affine(img.affine, scale), img)
+    return volume_image(degrade_slices(vol, scale, cfg, seed), rescale_affine(img.affine, scale), img)
+
+
+def degrade_slices(vol: np.ndarray, scale: int, cfg: DegradationConfig | None = None,
+                   seed: int = 0, subject: str = "volume") -> np.ndarray:
+    """LR of every axial slice of an (X, Y, Z) volume, slice k seeded by (seed, subject, k,
+    scale); returns (X / scale, Y / scale, Z) float32 in the volume's units. The degradation
+    is equivariant under affine intensity maps, so the LR of a normalised volume is the
+    normalised LR."""
+    x, y, z = vol.shape
+    out = np.empty((x // scale, y // scale, z), dtype=np.float32)
+    for k in range(z):
+        out[:, :, k] = degrade(vol[:, :, k], scale, slice_rng(seed, subject, k, scale), cfg)
+    return out
 
 
 def degrade_volume_file(

@@ -5,34 +5,17 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
-from pgasr.checkpoint import load_checkpoint, save_checkpoint
+from pgasr.checkpoint import load_checkpoint
 from pgasr.cli import main
-from pgasr.config import load_config
 from pgasr.inference import Predictor
-from pgasr.models import build_stage1, build_stage2
 
-TINY = ["model.channels=[8,8,8,8]", "model.n_z=8", "model.decoder_channels=8",
-        "model.window_size=4", "model.num_heads=2", "model.dat_depth=1", "model.disc_channels=8",
-        "model.codebook_size=16", "prior.backend=tissue"]
+from serve_fixtures import make_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = load_config(None, TINY)
-    s1, _ = build_stage1(cfg)
-    # one forward in train mode initialises the data-dependent codebook
-    s1.train()(torch.randn(2, 1, 16, 16), torch.rand(2, 1, 16, 16))
-    s2 = build_stage2(cfg, s1)
-    from pgasr.priors import build_prior
-
-    d = tmp_path_factory.mktemp("ckpt") / "stage2"
-    save_checkpoint(d, stage=2, modules={"model": s2}, cfg=cfg,
-                    meta={"scales": [2], "prior": build_prior(cfg.prior).describe(),
-                          "metrics": {"val_psnr": 1.0}})
-    return d
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "stage2")
 
 
 def test_checkpoint_is_self_describing(ckpt_dir):

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from pgasr.background import head_weight
-from pgasr.checkpoint import save_checkpoint
 from pgasr.cli import main
 from pgasr.config import InferenceConfig, load_config
 from pgasr.data import schema
@@ -18,11 +17,8 @@ from pgasr.data.prepare import LR_VOLUMES, prepare
 from pgasr.evaluate import evaluate
 from pgasr.inference import Predictor
 from pgasr.intensity import intensity_stats
-from pgasr.models import build_stage1, build_stage2
 
-TINY = ["model.channels=[8,8,8,8]", "model.n_z=8", "model.decoder_channels=8",
-        "model.window_size=4", "model.num_heads=2", "model.dat_depth=1", "model.disc_channels=8",
-        "model.codebook_size=16", "prior.backend=tissue"]
+from serve_fixtures import TINY, make_tiny_checkpoint  # noqa: E402
 
 
 def _head_volume(seed: int, shape=(32, 32, 12), scale=700.0, offset=0.0, r=1.0) -> np.ndarray:
@@ -47,17 +43,7 @@ def _write_cohort(d, n=4):
 def ckpt_dir(tmp_path_factory):
     """A tiny untrained stage-2 checkpoint: its output in the background is texture, which
     is what the background handling has to remove."""
-    torch.manual_seed(0)
-    cfg = load_config(None, TINY)
-    s1, _ = build_stage1(cfg)
-    s1.train()(torch.randn(2, 1, 16, 16), torch.rand(2, 1, 16, 16))
-    s2 = build_stage2(cfg, s1)
-    from pgasr.priors import build_prior
-
-    d = tmp_path_factory.mktemp("ckpt") / "stage2"
-    save_checkpoint(d, stage=2, modules={"model": s2}, cfg=cfg,
-                    meta={"scales": [2], "prior": build_prior(cfg.prior).describe()})
-    return d
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "stage2")
 
 
 @pytest.fixture(scope="module")

@@ -759,6 +759,19 @@ def test_client_does_not_resend_the_key_on_redirects():
 # --------------------------------------------------------------------------- on Ray Serve
 
 
+def wait_ready(client: httpx.Client, seconds: float) -> None:
+    """Poll ``/readyz`` until it answers 200; fail after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if client.get("/readyz").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "Serve app did not become ready"
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def served(ray_session, ckpt, key_file):
     from ray import serve
@@ -768,15 +781,7 @@ def served(ray_session, ckpt, key_file):
     try:
         serve.run(app, name="pgasr", route_prefix="/", blocking=False)
         with httpx.Client(base_url=URL, timeout=60) as c:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if c.get("/readyz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, "Serve app did not become ready"
-                time.sleep(0.5)
+            wait_ready(c, 120)
             yield c
     finally:
         serve.shutdown()

@@ -18,7 +18,7 @@ import torch
 from pgasr.data import schema
 
 __all__ = ["read_split", "iter_batches", "stage1_batch", "stage2_batch", "split_files",
-           "random_crop", "to_lr_units"]
+           "random_crop", "stage_columns", "to_lr_units"]
 
 
 def random_crop(rows: Mapping[str, np.ndarray], crop: int, rng: np.random.Generator
@@ -121,6 +121,18 @@ def stage2_batch(
         "prior_lr": _t(_prior_or_zeros(rows, schema.prior_lr_column(scale), hr, need_prior)),
         "prior_hr": _t(_prior_or_zeros(rows, schema.prior_hr_column(), hr, need_prior)),
     }
+
+
+def stage_columns(stage: int, scale: int, acg: bool, shard: str | Path) -> list[str]:
+    """The shard columns a stage trains on: HR (+ LR at ``scale``, and the LR volume's
+    intensity statistics when ``shard`` has them) (+ priors with ACG)."""
+    cols = [schema.HR, schema.prior_hr_column()] if stage == 1 else [
+        schema.HR, schema.lr_column(scale), schema.prior_hr_column(), schema.prior_lr_column(scale)]
+    if not acg:
+        cols = [c for c in cols if not c.startswith("prior")]
+    if stage == 2 and schema.lr_norm_column(scale) in pq.read_schema(shard).names:
+        cols.append(schema.lr_norm_column(scale))
+    return cols
 
 
 def split_files(prepared_dir: str | Path, split: str) -> list[Path]:

@@ -27,10 +27,9 @@ from tqdm.auto import tqdm
 
 from pgasr.config import RunConfig, config_to_dict, dump_config
 from pgasr.data import schema
-from pgasr.data.degradation import degrade, slice_rng
 from pgasr.data.ixi import canonical, image_to_bytes, iter_sources, load_nifti_bytes, sha256_bytes
 from pgasr.intensity import CONTRACT, intensity_stats
-from pgasr.volume import rescale_affine
+from pgasr.volume import degrade_slices, rescale_affine, volume_image
 from pgasr.provenance import (
     PREPARED_MARKER, atomic_write_text, check_replaceable, provenance, replace_dir, sha256_json,
     temp_dir_for,
@@ -38,8 +37,8 @@ from pgasr.provenance import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PrepareResult", "crop_affine", "crop_or_pad", "degrade_volume_slices", "prepare",
-           "split_subjects", "volume_to_slices", "LR_VOLUMES"]
+__all__ = ["PrepareResult", "crop_affine", "crop_or_pad", "prepare", "split_subjects",
+           "volume_to_slices", "LR_VOLUMES"]
 
 #: Sub-directory of a prepared directory with the test subjects' HR and LR volumes
 #: (``{subject}_hr.nii.gz``, ``{subject}_lr_x{s}.nii.gz``) on the grid the model sees.
@@ -141,19 +140,6 @@ def volume_to_slices(vol: np.ndarray, cfg: RunConfig) -> dict:
     slices = np.ascontiguousarray(np.moveaxis(slices, 2, 0))  # (n + 2, X, Y)
     return {"volume": vol, "stats": stats, "slices": slices, "volume_index": index, "n": n,
             "offset": offset}
-
-
-def degrade_volume_slices(vol: np.ndarray, subject: str, scale: int, cfg: RunConfig) -> np.ndarray:
-    """LR of every axial slice of an (X, Y, Z) volume, each seeded by (seed, subject, slice,
-    scale); returns (X / scale, Y / scale, Z) float32 in the volume's units. The degradation
-    is equivariant under affine intensity maps, so its LR in model units equals the LR of the
-    normalised slices."""
-    x, y, z = vol.shape
-    out = np.empty((x // scale, y // scale, z), dtype=np.float32)
-    for k in range(z):
-        rng = slice_rng(cfg.degradation.seed, subject, k, scale)
-        out[:, :, k] = degrade(vol[:, :, k], scale, rng, cfg.degradation)
-    return out
 
 
 def crop_affine(affine: np.ndarray, source_shape: tuple[int, ...], size: int) -> np.ndarray:
@@ -347,7 +333,8 @@ def prepare(
                 _write_volume(tmp / LR_VOLUMES / f"{src.subject}_hr.nii.gz", v["volume"],
                               grid_affine)
             for scale in cfg.data.scales:
-                lr_vol = degrade_volume_slices(v["volume"], src.subject, scale, cfg)
+                lr_vol = degrade_slices(v["volume"], scale, cfg.degradation,
+                                        cfg.degradation.seed, src.subject)
                 lr_stats = intensity_stats(lr_vol, cfg.data.head_threshold)
                 rel = lr_stats.relative_to(hr_stats)
                 lr = np.moveaxis(hr_stats.normalise(lr_vol[:, :, idx]), 2, 0)  # (n + 2, h, w)
@@ -402,13 +389,9 @@ def prepare(
 
 
 def _write_volume(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
-    import nibabel as nib
-
+    """A float32 NIfTI inside the (temporary, later renamed) prepared directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    path.write_bytes(image_to_bytes(img, gz=True))
+    path.write_bytes(image_to_bytes(volume_image(data, affine, None), gz=True))
 
 
 def data_meta(prepared_dir: str | Path) -> dict:
