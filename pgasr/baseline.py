@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pgasr.data import schema
 from pgasr.data.batches import iter_batches, to_lr_units
 from pgasr.metrics import psnr, ssim
+from pgasr.runtime import tune_allocator
 
 __all__ = ["ResidualCNN", "cnn_predict_volume", "evaluate_baseline", "load_cnn", "save_cnn",
            "train_baseline"]
@@ -67,6 +68,7 @@ def train_baseline(
     depth: int = 9, width: int = 48,
 ) -> tuple[ResidualCNN, dict]:
     """Train on in-memory rows for ``epochs`` or until ``seconds`` of wall time pass."""
+    tune_allocator()  # the same process settings as PGASR's training (pgasr.runtime)
     torch.manual_seed(seed)
     model = ResidualCNN(depth, width)
     opt = torch.optim.Adam(model.parameters(), lr=lr)

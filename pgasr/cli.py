@@ -107,6 +107,7 @@ def cmd_sr(args: argparse.Namespace) -> None:
 
     from pgasr.data.ixi import read_nifti_file
     from pgasr.inference import Predictor
+    from pgasr.runtime import tune_allocator
     from pgasr.volume import write_nifti
 
     _check_scale(args.scale)
@@ -114,6 +115,7 @@ def cmd_sr(args: argparse.Namespace) -> None:
     if not (out.name.endswith(".nii") or out.name.endswith(".nii.gz")):
         raise CliError(f"--output must end in .nii or .nii.gz: {out}")
     img = read_nifti_file(args.input)
+    tune_allocator()
     pred = Predictor.from_checkpoint(args.checkpoint, device=args.device, bf16=args.bf16)
     bar = tqdm(total=img.shape[2] if len(img.shape) > 2 else 0, desc="sr", unit="slice",
                disable=args.quiet)
@@ -132,8 +134,10 @@ def cmd_sr(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from pgasr.evaluate import evaluate
+    from pgasr.runtime import tune_allocator
 
     _check_scale(args.scale)
+    tune_allocator()
     out = args.out or str(Path(args.checkpoint) / f"eval_x{args.scale}")
     res = evaluate(args.checkpoint, args.data, args.scale, out, split=args.split,
                    max_slices_per_subject=args.max_slices)

@@ -359,6 +359,9 @@ def _worker() -> str:
 def _threads(cfg: RunConfig) -> None:
     import torch
 
+    from pgasr.runtime import tune_allocator
+
+    tune_allocator()
     torch.set_num_threads(max(1, int(cfg.resources.torch_threads or 1)))
 
 

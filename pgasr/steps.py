@@ -300,8 +300,7 @@ def stage2_step(model: nn.Module, batch: Mapping[str, torch.Tensor], cfg) -> Sta
         "psnr_bicubic": _batch_psnr(lr_up[:, 1:2], hr_t),
     }
     if s2.align_s:
-        lp = out.log_probs  # (B, 3, N, h, w)
-        l_s = align_s_loss(lp[:, 0], lp[:, 1], lp[:, 2])
+        l_s = align_s_loss(*out.member_log_probs)  # a^{t-1}, a^t, a^{t+1}: (B, N, h, w) each
         loss = loss + s2.alpha1 * l_s
         metrics["align_s"] = _f(l_s)
     if s2.align_d:

@@ -35,6 +35,7 @@ from pgasr.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from pgasr.config import RunConfig, config_to_dict
 from pgasr.data.batches import random_crop, stage1_batch, stage2_batch
 from pgasr.metrics import psnr, ssim
+from pgasr.runtime import tune_allocator
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,7 @@ def fit(
     torch.manual_seed(cfg.seed)
     sc = cfg.stage1 if stage == 1 else cfg.stage2
     meta = dict(extra_meta or {})
+    meta["allocator"] = tune_allocator()
 
     if stage == 1:
         model, disc = build_stage1(cfg)

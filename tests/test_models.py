@@ -87,6 +87,45 @@ def test_window_mask_pads_and_shift():
     assert (ms[0] == 0).all() and (ms[-1] == NEG_INF).any()
 
 
+def _dense_window_attention(att: WindowAttention, q, k, v):
+    """Reference for ``WindowAttention.attend``: dense attention over every token of the
+    image, restricted to pairs in the same window. In image coordinates a (shifted) window is
+    the group ``floor((y - s) / ws)`` along each axis (Swin's cyclic shift + region mask);
+    padded positions do not exist. Position bias from the (dy, dx) offset of the pair."""
+    b, h, w, c = q.shape
+    m, ws, s, heads = k.shape[1], att.window_size, att.shift_size, att.num_heads
+    d = c // heads
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ys, xs = ys.reshape(-1), xs.reshape(-1)  # (HW,)
+    gy, gx = torch.div(ys - s, ws, rounding_mode="floor"), torch.div(xs - s, ws, rounding_mode="floor")
+    same = (gy[:, None] == gy[None]) & (gx[:, None] == gx[None])  # (HW, HW)
+    pos = att.pos(att.rpe_biases)  # ((2ws-1)^2, heads)
+    idx = (ys[:, None] - ys[None] + ws - 1) * (2 * ws - 1) + (xs[:, None] - xs[None] + ws - 1)
+    bias = pos[idx.clamp(0, pos.shape[0] - 1)].permute(2, 0, 1)  # (heads, HW, HW)
+    logits_mask = torch.where(same, bias, torch.tensor(float("-inf")))  # (heads, HW, HW)
+    qh = q.reshape(b, h * w, heads, d).transpose(1, 2)  # (B, heads, HW, d)
+    kh = k.reshape(b, m, h * w, heads, d).permute(0, 3, 1, 2, 4).reshape(b, heads, m * h * w, d)
+    vh = v.reshape(b, m, h * w, heads, d).permute(0, 3, 1, 2, 4).reshape(b, heads, m * h * w, d)
+    logits = qh @ kh.transpose(-1, -2) * d**-0.5 + logits_mask.repeat(1, 1, m)
+    out = logits.softmax(-1) @ vh  # (B, heads, HW, d)
+    return out.transpose(1, 2).reshape(b, h, w, c)
+
+
+@pytest.mark.parametrize("hw, shift, m", [((8, 8), False, 1), ((6, 7), False, 1),
+                                           ((8, 8), True, 1), ((7, 10), True, 1),
+                                           ((6, 9), True, 2), ((9, 8), False, 2)])
+def test_window_attention_equals_dense_reference(hw, shift, m):
+    """The windowed, padded, shifted SDPA path computes exactly masked dense attention."""
+    torch.manual_seed(0)
+    att = WindowAttention(8, 2, window_size=4, shift=shift)
+    h, w = hw
+    q, k, v = torch.randn(2, h, w, 8), torch.randn(2, m, h, w, 8), torch.randn(2, m, h, w, 8)
+    got = att.attend(q, k, v)
+    ref = _dense_window_attention(att, q, k, v)
+    assert got.shape == (2, h, w, 8)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+
+
 def test_window_attention_self_mode_rejects_context():
     att = WindowAttention(8, 2, window_size=4)
     x = torch.randn(1, 5, 6, 8)

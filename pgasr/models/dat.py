@@ -184,6 +184,55 @@ class WindowAttention(nn.Module):
         bias = pos[self.relative_position_index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
         return bias.repeat(1, 1, m)
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Windowed multi-head attention with the dynamic position bias (no AIM, no proj).
+
+        Args:
+            q: (B, H, W, C) queries; k, v: (B, M, H, W, C) keys/values of M maps.
+
+        Returns:
+            (B, H, W, C): each query attends to the keys of its (shifted) window in all M maps.
+        """
+        h, w = q.shape[1:3]
+        ws, s = self.window_size, self.shift_size
+        m = k.shape[1]
+        ph, pw = (-h) % ws, (-w) % ws
+        if ph or pw:
+            q = F.pad(q, (0, 0, 0, pw, 0, ph))  # (B, Hp, Wp, C)
+            k = F.pad(k, (0, 0, 0, pw, 0, ph))  # (B, M, Hp, Wp, C)
+            v = F.pad(v, (0, 0, 0, pw, 0, ph))
+        if s:
+            q = torch.roll(q, (-s, -s), dims=(1, 2))
+            k = torch.roll(k, (-s, -s), dims=(2, 3))
+            v = torch.roll(v, (-s, -s), dims=(2, 3))
+        hp, wp = h + ph, w + pw
+        heads = self.num_heads
+        # Windows and heads share one axis: SDPA gets 4-D (B, nW*heads, tokens, d) tensors,
+        # which PyTorch's fused CPU kernel takes (5-D ones fall back to the unfused math path:
+        # ~2x slower forward + backward, benchmarks/step_efficiency.py).
+        q = rearrange(q, "b (nh wh) (nw ww) (n d) -> b (nh nw n) (wh ww) d", wh=ws, ww=ws, n=heads)
+        k, v = (
+            rearrange(t, "b m (nh wh) (nw ww) (n d) -> b (nh nw n) (m wh ww) d", wh=ws, ww=ws, n=heads)
+            for t in (k, v)
+        )  # (B, nW*heads, M*N, d)
+
+        attn_mask = self._bias(m)  # (heads, N, M*N)
+        mask = self._mask(h, w, m, q.device)
+        n_win = (hp // ws) * (wp // ws)
+        if mask is not None:
+            attn_mask = attn_mask + mask[:, None]  # (nW, heads, N, M*N)
+        else:
+            attn_mask = attn_mask.expand(n_win, *attn_mask.shape)
+        attn_mask = attn_mask.reshape(1, n_win * heads, *attn_mask.shape[-2:])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype))
+        out = rearrange(
+            out, "b (nh nw n) (wh ww) d -> b (nh wh) (nw ww) (n d)", nh=hp // ws, wh=ws, ww=ws,
+            n=heads,
+        )  # (B, Hp, Wp, C)
+        if s:
+            out = torch.roll(out, (s, s), dims=(1, 2))
+        return out[:, :h, :w]  # (B, H, W, C)
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Attend within windows.
@@ -195,8 +244,6 @@ class WindowAttention(nn.Module):
         Returns:
             (B, H, W, C).
         """
-        b, h, w, c = x.shape
-        ws, s = self.window_size, self.shift_size
         if self.cross is None:
             if context is not None:
                 raise ValueError("self-attention got a context; build with cross='concat'")
@@ -212,37 +259,8 @@ class WindowAttention(nn.Module):
                 if context.shape[1] != 2:
                     raise ValueError("literal SCAB mode needs exactly two context maps")
                 k, v = k[:, :1], v[:, 1:]  # keys from context 0, values from context 1
-        m = k.shape[1]
         v_img = v.mean(1)  # (B, H, W, C): input of the conv branch
-
-        ph, pw = (-h) % ws, (-w) % ws
-        if ph or pw:
-            q = F.pad(q, (0, 0, 0, pw, 0, ph))  # (B, Hp, Wp, C)
-            k = F.pad(k, (0, 0, 0, pw, 0, ph))  # (B, M, Hp, Wp, C)
-            v = F.pad(v, (0, 0, 0, pw, 0, ph))
-        if s:
-            q = torch.roll(q, (-s, -s), dims=(1, 2))
-            k = torch.roll(k, (-s, -s), dims=(2, 3))
-            v = torch.roll(v, (-s, -s), dims=(2, 3))
-        hp, wp = h + ph, w + pw
-        heads = self.num_heads
-        q = rearrange(q, "b (nh wh) (nw ww) (n d) -> b (nh nw) n (wh ww) d", wh=ws, ww=ws, n=heads)
-        k, v = (
-            rearrange(t, "b m (nh wh) (nw ww) (n d) -> b (nh nw) n (m wh ww) d", wh=ws, ww=ws, n=heads)
-            for t in (k, v)
-        )  # (B, nW, heads, M*N, d)
-
-        attn_mask = self._bias(m)[None]  # (1, heads, N, M*N)
-        mask = self._mask(h, w, m, x.device)
-        if mask is not None:
-            attn_mask = attn_mask + mask[:, None]  # (nW, heads, N, M*N)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype))
-        out = rearrange(
-            out, "b (nh nw) n (wh ww) d -> b (nh wh) (nw ww) (n d)", nh=hp // ws, wh=ws, ww=ws
-        )  # (B, Hp, Wp, C)
-        if s:
-            out = torch.roll(out, (s, s), dims=(1, 2))
-        out = out[:, :h, :w]  # (B, H, W, C)
+        out = self.attend(q, k, v)  # (B, H, W, C)
 
         # AIM: conv branch on V; C-map (from conv) gates attention, S-map (from attention)
         # gates the conv branch.

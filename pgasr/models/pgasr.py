@@ -151,8 +151,10 @@ class Stage2Output:
 
     Attributes:
         sr: (B, 1, H, W) SR centre slice G(Z(SCAB(E(.)))).
-        log_probs: (B, K, N, h, w) log a over the N codes for the triplet members that were
-            computed: K = 3 (t-1, t, t+1) with ``neighbours=True``, else K = 1 (t only).
+        member_log_probs: K tensors (B, N, h, w), log a over the N codes of the triplet
+            members that were computed: K = 3 (t-1, t, t+1) with ``neighbours=True``, else
+            K = 1 (t only). Kept apart (not stacked) so the losses' gradients never
+            materialise a zero-filled (B, K, N, h, w) tensor per member.
         indices: (B, h, w) selected codes of the centre slice.
         z: (B, n_z, h, w) refined centre features (before quantization).
         z_q: (B, n_z, h, w) quantized centre features (straight-through).
@@ -162,7 +164,7 @@ class Stage2Output:
     """
 
     sr: torch.Tensor
-    log_probs: torch.Tensor
+    member_log_probs: tuple[torch.Tensor, ...]
     indices: torch.Tensor
     z: torch.Tensor
     z_q: torch.Tensor
@@ -173,7 +175,12 @@ class Stage2Output:
     @property
     def centre_log_probs(self) -> torch.Tensor:
         """(B, N, h, w) log a^t."""
-        return self.log_probs[:, self.log_probs.shape[1] // 2]
+        return self.member_log_probs[len(self.member_log_probs) // 2]
+
+    @property
+    def log_probs(self) -> torch.Tensor:
+        """(B, K, N, h, w): the members' log a stacked (a copy; the losses use the members)."""
+        return torch.stack(self.member_log_probs, 1)
 
 
 @dataclass
@@ -204,7 +211,7 @@ def code_log_probs(distances: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     """
     if tau <= 0:
         raise ValueError(f"stage2.tau must be > 0, got {tau}")
-    return F.log_softmax(-distances.float() / tau, dim=1)
+    return F.log_softmax(distances.float() * (-1.0 / tau), dim=1)
 
 
 class Stage2Model(nn.Module):
@@ -355,12 +362,12 @@ class Stage2Model(nn.Module):
         sr = self.decoder(quant.z_q)[..., : size[0], : size[1]]  # (B, 1, H, W)
         if not return_all:
             return sr
-        if k == 1:
-            log_probs = code_log_probs(quant.distances, self.tau)[:, None]
-        else:
-            d = self.quantizer.distances(z.reshape(-1, *z.shape[2:]))  # (B*3, N, h, w)
-            log_probs = code_log_probs(d, self.tau).reshape(*z.shape[:2], *d.shape[1:])
-        out = Stage2Output(sr, log_probs, quant.indices, z_t, quant.z_q)
+        members = tuple(
+            code_log_probs(quant.distances if i == k // 2 else self.quantizer.distances(z[:, i]),
+                           self.tau)
+            for i in range(k)
+        )  # K x (B, N, h, w); the centre reuses the quantizer's distances
+        out = Stage2Output(sr, members, quant.indices, z_t, quant.z_q)
         if hr is not None:
             with torch.no_grad():
                 x = pad_to_multiple(_input(hr, prior_hr, self.acg), self.latent_factor)

@@ -89,15 +89,16 @@ class Quantizer(nn.Module):
         """
         if z.ndim != 4 or z.shape[1] != self.n_z:
             raise ValueError(f"expected (B, {self.n_z}, h, w) features, got {tuple(z.shape)}")
+        b, c, h, w = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):
-            zf = rearrange(z.float(), "b c h w -> b h w c")
+            zf = z.float().reshape(b, c, h * w)  # (B, n_z, hw)
             e = self.codebook.weight.float()  # (N, n_z)
-            d = (
-                zf.pow(2).sum(-1, keepdim=True)
-                - 2 * zf @ e.t()
-                + e.pow(2).sum(-1)
-            )  # (B, h, w, N)
-            return rearrange(d.clamp_min(0), "b h w n -> b n h w")
+            # ||e||^2 - 2 e.z in one batched GEMM, written directly in (B, N, hw) order (the
+            # code axis second, as every consumer reduces over it: no transposed copies)
+            d = torch.baddbmm(e.pow(2).sum(-1)[None, :, None], e.expand(b, -1, -1), zf,
+                              alpha=-2.0)
+            d = d + zf.pow(2).sum(1, keepdim=True)  # + ||z||^2
+            return d.clamp_min(0).view(b, -1, h, w)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes for indices. (B, h, w) int64 -> (B, n_z, h, w)."""
