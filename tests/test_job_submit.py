@@ -1,4 +1,9 @@
-"""`ray job submit` against a local head started for this test (and stopped by address)."""
+"""`ray job submit` against a local head started for this test (and stopped by address).
+
+Stage 1 is trained in this process (``train_local``: a few seconds, no Ray) and only the
+stage-2 Ray Train job is submitted: the job API, working-dir upload, the job's own Ray Train
+run with 2 workers and its checkpoint export are what this test proves (``jobs/stage1.py``
+as a Ray driver is exercised by tests/test_fault_tolerance.py)."""
 
 import json
 import os
@@ -49,12 +54,15 @@ def test_job_submit_stage2(head, tmp_path):
             time.sleep(3)
         return r, time.time() - t0
 
-    r1, _ = submit("stage1.py")
-    assert r1.returncode == 0 and "succeeded" in (r1.stdout + r1.stderr).lower(), (r1.stdout + r1.stderr)[-4000:]
+    from pgasr.training import train_local
+
+    train_local(1, tiny_cfg(tmp_path, "stage1.epochs=1"), tmp_path / "prepared",
+                tmp_path / "runs" / "stage1", progress=False)
     r2, secs = submit("stage2.py")
     out = r2.stdout + r2.stderr
     assert r2.returncode == 0 and "succeeded" in out.lower(), out[-4000:]
     ck = load_checkpoint(tmp_path / "runs" / "stage2")
     assert ck.stage == 2
+    assert Path(ck.meta["stage1_checkpoint"]).resolve() == (tmp_path / "runs" / "stage1").resolve()
     summary = json.loads((tmp_path / "runs" / "stage2.json").read_text())
     assert summary["checkpoint"].endswith("stage2")
