@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from pgasr import __version__
+
 EXIT_USER_ERROR = 2
 
 
@@ -156,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="PGASR: prior-guided anatomical alignment for MRI super-resolution.",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"pgasr {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 

@@ -21,6 +21,14 @@ def test_help_lists_subcommands():
         assert cmd in r.stdout
 
 
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"pgasr {version('pgasr')}"
+
+
 @pytest.mark.parametrize("cmd", ["synth", "prepare", "degrade"])
 def test_subcommand_help(cmd):
     r = run(cmd, "--help")
