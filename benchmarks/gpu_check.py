@@ -36,19 +36,19 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pgasr.config import load_config  # noqa: E402
-from pgasr.models import build_stage1, build_stage2  # noqa: E402
-from pgasr.steps import (  # noqa: E402
-    make_stage1_optimizers,
-    make_stage2_optimizer,
-    stage1_update,
-    stage2_update,
+from benchmarks.step_efficiency import (  # noqa: E402
+    count_flops,
+    random_predictor,
+    stage1_step,
+    stage2_step,
 )
+from pgasr.config import load_config  # noqa: E402
+from pgasr.models import build_stage1  # noqa: E402
+from pgasr.steps import make_stage1_optimizers, stage1_update  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "gpu.json"
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets (SXM parts).
@@ -80,12 +80,6 @@ def _time(fn: Callable[[], object], device: torch.device, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def _flops(fn: Callable[[], object]) -> int:
-    with FlopCounterMode(display=False) as fc:
-        fn()
-    return int(fc.get_total_flops())
-
-
 def _cfg(args, *extra: str):
     sets = ["prior.backend=tissue", f"device={args.device}", *extra]
     if args.smoke:
@@ -99,23 +93,10 @@ def _steps(args, device, peak) -> list[dict]:
     for precision in ("fp32", "bf16"):
         bf = "true" if precision == "bf16" else "false"
         cfg = _cfg(args, f"stage1.bf16={bf}", f"stage2.bf16={bf}", "stage1.disc_start=0")
-        torch.manual_seed(0)
-        m, disc = build_stage1(cfg)
-        m, disc = m.to(device).train(), disc.to(device).train()
-        og, od = make_stage1_optimizers(cfg, m, disc)
-        hr = torch.randn(b, 1, crop, crop, device=device)
-        batch1 = {"hr": hr, "prior_hr": torch.rand_like(hr)}
-        s1 = lambda: stage1_update(m, disc, og, od, batch1, cfg, step=1)  # noqa: E731
-        s2m = build_stage2(cfg, m).to(device).train()
-        o2 = make_stage2_optimizer(cfg, s2m)
-        sc = cfg.stage2.scale
-        batch2 = {"hr": torch.randn(b, 3, crop, crop, device=device),
-                  "lr": torch.randn(b, 3, crop // sc, crop // sc, device=device),
-                  "prior_lr": torch.rand(b, 3, crop, crop, device=device),
-                  "prior_hr": torch.rand(b, 3, crop, crop, device=device)}
-        s2 = lambda: stage2_update(s2m, o2, batch2, cfg)  # noqa: E731
+        s1 = stage1_step(cfg, b, crop, device, disc=True)
+        s2 = stage2_step(cfg, b, crop, device)
         for name, fn in ((f"stage1 {precision}", s1), (f"stage2 {precision}", s2)):
-            flops = _flops(fn)
+            flops = count_flops(fn)
             sec = _time(fn, device, args.reps)
             row = {"name": name, "batch": b, "crop": crop, "ms_per_step": sec * 1e3,
                    "tflop_per_step": flops / 1e12, "tflop_per_s": flops / sec / 1e12}
@@ -163,20 +144,8 @@ def _sam(args, device) -> dict:
 
 
 def _predictor(args, device, tmp: Path) -> dict:
-    from pgasr.checkpoint import save_checkpoint
-    from pgasr.inference import Predictor
-    from pgasr.priors import build_prior
-
     n, size = (2, 32) if args.smoke else (8, 256)
-    cfg = _cfg(args)
-    torch.manual_seed(0)
-    s1, _ = build_stage1(cfg)
-    s1.train()(torch.randn(2, 1, 32, 32), torch.rand(2, 1, 32, 32))
-    d = tmp / "ck"
-    save_checkpoint(d, stage=2, modules={"model": build_stage2(cfg, s1)}, cfg=cfg,
-                    meta={"scales": [2], "prior": build_prior(cfg.prior).describe()})
-    pred = Predictor.from_checkpoint(d, device=str(device), bf16=device.type == "cuda",
-                                     batch_size=n)
+    pred = random_predictor(_cfg(args), tmp / "ck", device, batch=n, bf16=device.type == "cuda")
     lr = np.random.default_rng(0).standard_normal((n, 3, size // 2, size // 2)).astype(np.float32)
     sec = _time(lambda: pred.predict_triplets(lr, 2), device, 1 if args.smoke else 3)
     return {"slices": n, "size": size, "slices_per_s": n / sec, "bf16": pred.bf16}

@@ -61,48 +61,65 @@ def _cfg(f: int, paper: bool):
     return load_config(DEMO, sets + (PAPER_MODEL if paper else []))
 
 
-def _stage1_case(f: int, paper: bool, batch: int, crop: int) -> Callable[[], None]:
-    cfg = _cfg(f, paper)
+def stage1_step(cfg, batch: int, crop: int, device="cpu", disc: bool = False
+                ) -> Callable[[], None]:
+    """One stage-1 update (random data) as a callable; with ``disc`` the GAN side too."""
+    device = torch.device(device)
     torch.manual_seed(0)
-    model, _ = build_stage1(cfg)
-    model.train()
-    opt, _ = make_stage1_optimizers(cfg, model, None)
-    b = {"hr": torch.randn(batch, 1, crop, crop), "prior_hr": torch.rand(batch, 1, crop, crop)}
-    return lambda: stage1_update(model, None, opt, None, b, cfg, step=0)
+    model, d = build_stage1(cfg)
+    model = model.to(device).train()
+    d = d.to(device).train() if disc else None
+    opt, opt_d = make_stage1_optimizers(cfg, model, d)
+    hr = torch.randn(batch, 1, crop, crop, device=device)
+    b = {"hr": hr, "prior_hr": torch.rand_like(hr)}
+    return lambda: stage1_update(model, d, opt, opt_d, b, cfg, step=1 if disc else 0)
 
 
-def _stage2_case(f: int, paper: bool, batch: int, crop: int) -> Callable[[], None]:
-    cfg = _cfg(f, paper)
+def stage2_step(cfg, batch: int, crop: int, device="cpu") -> Callable[[], None]:
+    """One stage-2 update (random triplets) as a callable."""
+    device = torch.device(device)
     torch.manual_seed(0)
     s1, _ = build_stage1(cfg)
     s1.train()(torch.randn(2, 1, crop, crop), torch.rand(2, 1, crop, crop))  # codebook init
-    model = build_stage2(cfg, s1)
-    model.train()
+    model = build_stage2(cfg, s1).to(device).train()
     opt = make_stage2_optimizer(cfg, model)
     s = cfg.stage2.scale
-    b = {"hr": torch.randn(batch, 3, crop, crop), "lr": torch.randn(batch, 3, crop // s, crop // s),
-         "prior_lr": torch.rand(batch, 3, crop, crop), "prior_hr": torch.rand(batch, 3, crop, crop)}
+
+    full, low = (batch, 3, crop, crop), (batch, 3, crop // s, crop // s)
+    b = {"hr": torch.randn(full, device=device), "lr": torch.randn(low, device=device),
+         "prior_lr": torch.rand(full, device=device), "prior_hr": torch.rand(full, device=device)}
     return lambda: stage2_update(model, opt, b, cfg)
 
 
-def _inference_case(f: int, size: int, batch: int, tmp: Path) -> Callable[[], None]:
+def random_predictor(cfg, d: Path, device="cpu", batch: int = 8, bf16: bool = False):
+    """A ``Predictor`` on a random-weight stage-2 checkpoint of ``cfg`` written to ``d``."""
     from pgasr.checkpoint import save_checkpoint
     from pgasr.inference import Predictor
     from pgasr.priors import build_prior
 
-    cfg = _cfg(f, False)
     torch.manual_seed(0)
     s1, _ = build_stage1(cfg)
-    s1.train()(torch.randn(2, 1, 32, 32), torch.rand(2, 1, 32, 32))
-    d = tmp / f"ck_f{f}_{size}"
+    s1.train()(torch.randn(2, 1, 32, 32), torch.rand(2, 1, 32, 32))  # codebook init
     save_checkpoint(d, stage=2, modules={"model": build_stage2(cfg, s1)}, cfg=cfg,
                     meta={"scales": [2], "prior": build_prior(cfg.prior).describe()})
-    pred = Predictor.from_checkpoint(d, device="cpu", batch_size=batch)
+    return Predictor.from_checkpoint(d, device=str(device), batch_size=batch, bf16=bf16)
+
+
+def _stage1_case(f: int, paper: bool, batch: int, crop: int) -> Callable[[], None]:
+    return stage1_step(_cfg(f, paper), batch, crop)
+
+
+def _stage2_case(f: int, paper: bool, batch: int, crop: int) -> Callable[[], None]:
+    return stage2_step(_cfg(f, paper), batch, crop)
+
+
+def _inference_case(f: int, size: int, batch: int, tmp: Path) -> Callable[[], None]:
+    pred = random_predictor(_cfg(f, False), tmp / f"ck_f{f}_{size}", batch=batch)
     lr = np.random.default_rng(0).standard_normal((batch, 3, size // 2, size // 2)).astype(np.float32)
     return lambda: pred.predict_triplets(lr, 2)
 
 
-def _flops(fn: Callable[[], None]) -> int:
+def count_flops(fn: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as fc:
         fn()
     return int(fc.get_total_flops())
@@ -164,7 +181,7 @@ def run(args) -> dict:
         fn = build()
         fn()  # warm-up (allocator, oneDNN primitives, mask caches)
         cases.append({"name": name, "kind": kind, "batch": batch, "fn": fn,
-                      "flops": _flops(fn), "times": []})
+                      "flops": count_flops(fn), "times": []})
     matmul = []
     for _ in range(args.rounds):
         matmul.append(_matmul_rate())

@@ -3,7 +3,7 @@
 glibc's ``malloc`` serves every block above ``M_MMAP_THRESHOLD`` (at most 32 MiB under its
 dynamic rule) with a fresh ``mmap`` and unmaps it on ``free``. PyTorch's CPU allocator has no
 cache of its own, so every large activation (stage 2's code distributions at f = 1 are
-(B, 3, N, H, W) float32: 57 MiB at 8 x 48^2) costs a page fault per 4 KiB page, every step,
+(B, N, H, W) float32 per triplet member: 19 MiB at 8 x 48^2, 57 MiB for a triplet) costs a page fault per 4 KiB page, every step,
 in every op. :func:`tune_allocator` raises the mmap threshold and the trim threshold so freed
 blocks stay in the heap and are reused: measured on the demo model at f = 1, a stage-2 step
 goes from 3.6 s to 1.8 s (``benchmarks/step_efficiency.py``, docs/training.md). It is the
@@ -24,13 +24,11 @@ import os
 
 log = logging.getLogger(__name__)
 
-# mallopt parameter numbers (glibc malloc.h)
+# mallopt parameter numbers (glibc malloc.h); mallopt takes a C int value
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_INT_MAX = 2**31 - 1
 
 _STATE: dict[str, object] = {}
-
-
-_INT_MAX = 2**31 - 1  # mallopt takes a C int
 
 
 def tune_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = _INT_MAX,
@@ -40,6 +38,8 @@ def tune_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = _INT_MAX
     Returns a description for run metadata: ``{"allocator": "glibc-tuned" | "default",
     "reason": ...}``.
     """
+    if not all(0 <= v <= _INT_MAX for v in (mmap_threshold, trim_threshold, top_pad)):
+        raise ValueError("allocator thresholds must be in [0, 2**31 - 1] (mallopt takes an int)")
     if _STATE:
         return dict(_STATE)
     if os.environ.get("PGASR_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "no", "off"):
@@ -52,8 +52,6 @@ def tune_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = _INT_MAX
         _STATE.update(allocator="default", reason=f"no glibc mallopt ({e})")
         return dict(_STATE)
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if not all(0 <= v <= _INT_MAX for v in (mmap_threshold, trim_threshold, top_pad)):
-        raise ValueError("allocator thresholds must be in [0, 2**31 - 1] (mallopt takes an int)")
     ok = all(mallopt(p, v) == 1 for p, v in ((_M_MMAP_THRESHOLD, mmap_threshold),
                                               (_M_TRIM_THRESHOLD, trim_threshold),
                                               (_M_TOP_PAD, top_pad)))
