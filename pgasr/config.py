@@ -25,6 +25,7 @@ from pgasr.models.config import ModelConfig, Stage1Config, Stage2Config
 from pgasr.priors.config import PriorConfig
 
 __all__ = [
+    "AugmentConfig",
     "ConfigError",
     "DataConfig",
     "DegradationConfig",
@@ -95,6 +96,19 @@ class DegradationConfig:
     blur_kernel_max: int = 21
     noise_sigma: list[float] = field(default_factory=lambda: [0.0, 0.02])
     seed: int = 1234
+
+
+@dataclass
+class AugmentConfig:
+    """Contrast/sharpness randomisation of training volumes (:mod:`pgasr.data.augment`):
+    ``copies`` extra, randomly transformed copies of every training volume (0 = off)."""
+
+    copies: int = 0
+    remap_p: float = 0.7  # probability of a random piecewise-linear contrast curve
+    remap_knots: int = 6
+    gamma: float = 0.7  # log-gamma ~ U(-gamma, gamma)
+    blur: list[float] = field(default_factory=lambda: [0.0, 0.9])  # HR in-plane sigma, pixels
+    seed: int = 0
 
 
 @dataclass
@@ -251,6 +265,7 @@ class RunConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
     data: DataConfig = field(default_factory=DataConfig)
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
@@ -410,6 +425,17 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
     nlo, nhi = cfg.degradation.noise_sigma
     if not 0 <= nlo <= nhi:
         raise ConfigError(f"{source}: degradation.noise_sigma must be 0 <= lo <= hi")
+    a = cfg.augment
+    if a.copies < 0:
+        raise ConfigError(f"{source}: augment.copies must be >= 0, got {a.copies}")
+    if not 0 <= a.remap_p <= 1:
+        raise ConfigError(f"{source}: augment.remap_p must be in [0, 1], got {a.remap_p}")
+    if a.remap_knots < 2:
+        raise ConfigError(f"{source}: augment.remap_knots must be >= 2, got {a.remap_knots}")
+    if a.gamma < 0:
+        raise ConfigError(f"{source}: augment.gamma must be >= 0, got {a.gamma}")
+    if len(a.blur) != 2 or not 0 <= a.blur[0] <= a.blur[1]:
+        raise ConfigError(f"{source}: augment.blur must be [lo, hi] with 0 <= lo <= hi")
     if cfg.nan_policy not in ("error", "skip"):
         raise ConfigError(f"{source}: nan_policy must be error or skip")
     if cfg.device not in ("auto", "cpu", "cuda"):

@@ -287,8 +287,8 @@ def _semantic(cfg: RunConfig) -> dict:
     d = _without_paths(config_to_dict(cfg))
     keep_tune = ("alpha1", "alpha2", "beta", "search", "num_samples", "seed", "metric", "mode",
                  "asha", "grace_period", "reduction_factor", "num_workers")
-    out = {k: d[k] for k in ("model", "stage1", "stage2", "data", "degradation", "prior",
-                             "seed", "nan_policy")}
+    out = {k: d[k] for k in ("model", "stage1", "stage2", "data", "degradation", "augment",
+                             "prior", "seed", "nan_policy")}
     out["tune"] = {k: d["tune"][k] for k in keep_tune}
     return out
 

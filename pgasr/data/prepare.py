@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from pgasr.config import RunConfig, config_to_dict, dump_config
 from pgasr.data import schema
+from pgasr.data.augment import augment_rng, augment_volume, copy_name
 from pgasr.data.ixi import canonical, image_to_bytes, iter_sources, load_nifti_bytes, sha256_bytes
 from pgasr.intensity import CONTRACT, intensity_stats
 from pgasr.volume import degrade_slices, rescale_affine, volume_image
@@ -227,7 +228,10 @@ def _list_subjects(source: Path) -> list[tuple[str, str]]:
 
 def _fingerprint(cfg: RunConfig, source: Path) -> str:
     listing = sorted(_list_subjects(source))
+    # augmentation joins the fingerprint only when on: prepared dirs without it keep theirs
+    augment = {"augment": config_to_dict(cfg.augment)} if cfg.augment.copies else {}
     return sha256_json({
+        **augment,
         "data": {k: v for k, v in config_to_dict(cfg.data).items() if k != "prepared_dir"},
         "degradation": config_to_dict(cfg.degradation),
         "source": listing,
@@ -319,42 +323,20 @@ def prepare(
                 skipped.append({"file": src.name, "subject": src.subject, "reason": str(e)})
                 continue
             seen.add(src.subject)
-            n = v["n"]
-            hr_stats, idx = v["stats"], v["volume_index"]
-            rows: dict = {
-                schema.SUBJECT: [src.subject] * n,
-                schema.SLICE: np.arange(n, dtype=np.int32),
-                schema.HR: np.stack([v["slices"][i : i + 3] for i in range(n)]),
-            }
-            lr_norm: dict[str, dict] = {}
-            grid_affine = crop_affine(affine, vol.shape, cfg.data.size)
-            export = which == "test"
-            if export:
-                _write_volume(tmp / LR_VOLUMES / f"{src.subject}_hr.nii.gz", v["volume"],
-                              grid_affine)
-            for scale in cfg.data.scales:
-                lr_vol = degrade_slices(v["volume"], scale, cfg.degradation,
-                                        cfg.degradation.seed, src.subject)
-                lr_stats = intensity_stats(lr_vol, cfg.data.head_threshold)
-                rel = lr_stats.relative_to(hr_stats)
-                lr = np.moveaxis(hr_stats.normalise(lr_vol[:, :, idx]), 2, 0)  # (n + 2, h, w)
-                rows[schema.lr_column(scale)] = np.stack([lr[i : i + 3] for i in range(n)])
-                rows[schema.lr_norm_column(scale)] = np.tile(rel.as_array(), (n, 1))
-                lr_norm[str(scale)] = lr_stats.to_dict()
-                if export:
-                    _write_volume(tmp / LR_VOLUMES / f"{src.subject}_lr_x{scale}.nii.gz", lr_vol,
-                                  rescale_affine(grid_affine, scale))
-            writers[which].add(rows)
-            kept = v["slices"][1 : n + 1]
-            subjects_meta[src.subject] = {
-                "split": which, "file": src.name, "sha256": sha256_bytes(raw),
-                "hr_norm": hr_stats.to_dict(), "lr_norm": lr_norm,
-                "n_slices": n, "slice_offset": v["offset"],
-                "source_shape": list(vol.shape), "affine": np.asarray(affine).tolist(),
-                "grid_affine": grid_affine.tolist(),
-                "voxel_size": [float(x) for x in np.linalg.norm(grid_affine[:3, :3], axis=0)],
-                "hr_min": float(kept.min()), "hr_max": float(kept.max()),
-            }
+            variants = [(src.subject, v, None)]
+            if which == "train":
+                for k in range(1, cfg.augment.copies + 1):
+                    aug, params = augment_volume(
+                        vol, augment_rng(cfg.augment.seed, src.subject, k), cfg.augment)
+                    variants.append((copy_name(src.subject, k), volume_to_slices(aug, cfg),
+                                     params))
+            for subject, v, params in variants:
+                rows, meta = _subject_rows(cfg, subject, v, affine, vol.shape, which, tmp)
+                writers[which].add(rows)
+                meta.update({"file": src.name, "sha256": sha256_bytes(raw)})
+                if params is not None:
+                    meta.update({"augmented_from": src.subject, "augment": params})
+                subjects_meta[subject] = meta
         for w in writers.values():
             w.close()
         if not subjects_meta:
@@ -368,6 +350,7 @@ def prepare(
             "shards": {k: w.n_files for k, w in writers.items()},
             "subjects": subjects_meta,
             "skipped": skipped,
+            "augmented": sorted(k for k, m in subjects_meta.items() if "augmented_from" in m),
             "scales": list(cfg.data.scales),
             "size": cfg.data.size,
             "slices_per_volume": cfg.data.slices_per_volume,
@@ -386,6 +369,46 @@ def prepare(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename
     return PrepareResult(out, rows=manifest["rows"], subjects=final_split, skipped=skipped)
+
+def _subject_rows(cfg: RunConfig, subject: str, v: dict, affine: np.ndarray,
+                  source_shape: tuple[int, ...], which: str, tmp: Path) -> tuple[dict, dict]:
+    """One prepared subject's triplet rows (all scales) and its manifest entry; a test
+    subject's HR and LR volumes are exported to ``tmp / LR_VOLUMES``."""
+    n = v["n"]
+    hr_stats, idx = v["stats"], v["volume_index"]
+    rows: dict = {
+        schema.SUBJECT: [subject] * n,
+        schema.SLICE: np.arange(n, dtype=np.int32),
+        schema.HR: np.stack([v["slices"][i : i + 3] for i in range(n)]),
+    }
+    lr_norm: dict[str, dict] = {}
+    grid_affine = crop_affine(affine, source_shape, cfg.data.size)
+    export = which == "test"
+    if export:
+        _write_volume(tmp / LR_VOLUMES / f"{subject}_hr.nii.gz", v["volume"], grid_affine)
+    for scale in cfg.data.scales:
+        lr_vol = degrade_slices(v["volume"], scale, cfg.degradation, cfg.degradation.seed,
+                                subject)
+        lr_stats = intensity_stats(lr_vol, cfg.data.head_threshold)
+        rel = lr_stats.relative_to(hr_stats)
+        lr = np.moveaxis(hr_stats.normalise(lr_vol[:, :, idx]), 2, 0)  # (n + 2, h, w)
+        rows[schema.lr_column(scale)] = np.stack([lr[i : i + 3] for i in range(n)])
+        rows[schema.lr_norm_column(scale)] = np.tile(rel.as_array(), (n, 1))
+        lr_norm[str(scale)] = lr_stats.to_dict()
+        if export:
+            _write_volume(tmp / LR_VOLUMES / f"{subject}_lr_x{scale}.nii.gz", lr_vol,
+                          rescale_affine(grid_affine, scale))
+    kept = v["slices"][1 : n + 1]
+    meta = {
+        "split": which, "hr_norm": hr_stats.to_dict(), "lr_norm": lr_norm,
+        "n_slices": n, "slice_offset": v["offset"],
+        "source_shape": list(source_shape), "affine": np.asarray(affine).tolist(),
+        "grid_affine": grid_affine.tolist(),
+        "voxel_size": [float(x) for x in np.linalg.norm(grid_affine[:3, :3], axis=0)],
+        "hr_min": float(kept.min()), "hr_max": float(kept.max()),
+    }
+    return rows, meta
+
 
 
 def _write_volume(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
