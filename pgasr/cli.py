@@ -13,6 +13,8 @@ from pathlib import Path
 
 from pgasr import __version__
 
+log = logging.getLogger("pgasr.cli")
+
 EXIT_USER_ERROR = 2
 
 
@@ -69,6 +71,13 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         cfg.data.source = args.source
     if args.out:
         cfg.data.prepared_dir = args.out
+    for arg, key in (("source_format", "source_format"), ("contrast", "contrast"),
+                     ("bids_suffix", "bids_suffix"), ("voxel_size", "voxel_size")):
+        if getattr(args, arg) is not None:
+            setattr(cfg.data, key, getattr(args, arg))
+    from pgasr.config import validate
+
+    validate(cfg, "pgasr prepare")
     res = prepare(cfg, progress=not args.quiet, force=args.force)
     verb = "up to date" if res.reused else "prepared"
     print(f"{verb}: {res.out_dir}  rows={res.rows}  subjects="
@@ -104,49 +113,141 @@ def _default_data_dir(cfg) -> str:
     return str(p) if (p / "manifest.json").is_file() else cfg.data.prepared_dir
 
 
+def _contrast_warning(pred, job_contrast: str) -> str | None:
+    trained = pred.ckpt.meta.get("contrast")
+    if not trained:
+        return None
+    norm = {c.upper().removesuffix("W") for c in trained}
+    if job_contrast.upper().removesuffix("W") in norm:
+        return None
+    return (f"this model was trained on {', '.join(trained)} images; the input is "
+            f"{job_contrast}: expect intensities and detail typical of the training contrast")
+
+
 def cmd_sr(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from pgasr.data.ixi import read_nifti_file
     from pgasr.inference import Predictor
     from pgasr.runtime import tune_allocator
+    from pgasr.sr_files import checkpoint_digest, plan_jobs, sidecar, write_dataset_description
+    from pgasr.provenance import atomic_write_text
     from pgasr.volume import write_nifti
 
     _check_scale(args.scale)
-    out = Path(args.output)
-    if not (out.name.endswith(".nii") or out.name.endswith(".nii.gz")):
-        raise CliError(f"--output must end in .nii or .nii.gz: {out}")
-    img = read_nifti_file(args.input)
+    jobs, deriv = plan_jobs(args.input, args.output, args.scale, contrast=args.contrast or "T2",
+                            bids_suffix=args.bids_suffix or "", overwrite=args.overwrite)
     tune_allocator()
     pred = Predictor.from_checkpoint(args.checkpoint, device=args.device, bf16=args.bf16)
-    bar = tqdm(total=img.shape[2] if len(img.shape) > 2 else 0, desc="sr", unit="slice",
-               disable=args.quiet)
+    contrast = args.bids_suffix or args.contrast
+    if contrast and (msg := _contrast_warning(pred, contrast)):
+        log.warning(msg)
+    backend = pred.describe()["prior"].get("backend")  # None for a model.acg=false checkpoint
+    model = {"checkpoint": str(Path(args.checkpoint).resolve()),
+             "checkpoint_sha256": checkpoint_digest(args.checkpoint, pred.ckpt.meta),
+             "prior_backend": backend, "trained_contrast": pred.ckpt.meta.get("contrast"),
+             "trained_voxel_size": pred.ckpt.meta.get("voxel_size"),
+             "inference": {k: getattr(pred.cfg.inference, k) for k in
+                           ("back_projection_steps", "back_projection_weight", "background")}}
+    if deriv is not None:
+        write_dataset_description(deriv, Path(args.input))
+    files = tqdm(jobs, desc="sr", unit="vol", disable=args.quiet or len(jobs) == 1)
+    for job in files:
+        files.set_postfix_str(job.input.name)
+        img = read_nifti_file(job.input)
+        img, grid = pred.to_model_grid(img, args.scale) if args.resample else (img, {})
+        bar = tqdm(total=img.shape[2] if len(img.shape) > 2 else 0, desc=job.input.name,
+                   unit="slice", disable=args.quiet or len(jobs) > 1, leave=False)
 
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
 
-    sr = pred.predict_image(img, args.scale, progress=progress)
-    bar.close()
-    write_nifti(sr, out)
-    # describe() has backend None for a model.acg=false checkpoint (pred.prior is None there)
-    print(f"wrote {out}  shape={sr.shape}  voxel={tuple(round(float(z), 4) for z in sr.header.get_zooms()[:3])}"
-          f"  prior={pred.describe()['prior'].get('backend')}")
+        sr = pred.predict_image(img, args.scale, progress=progress)
+        bar.close()
+        write_nifti(sr, job.output)
+        grid["output_voxel_size"] = [round(float(z), 4) for z in sr.header.get_zooms()[:3]]
+        atomic_write_text(job.sidecar, json.dumps(sidecar(job, args.scale, model, grid),
+                                                  indent=1) + "\n")
+        files.write(f"wrote {job.output}  shape={sr.shape}  voxel="
+                    f"{tuple(grid['output_voxel_size'])}  prior={backend}")
+    if len(jobs) > 1:
+        print(f"{len(jobs)} volumes super-resolved x{args.scale} -> "
+              f"{deriv or Path(args.output)}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    volume_form = {"--sr": args.sr, "--hr": args.hr, "--mask": args.mask,
+                   "--pair-by": args.pair_by}
+    split_form = {"--checkpoint": args.checkpoint, "--data": args.data, "--scale": args.scale,
+                  "--split": args.split, "--max-slices": args.max_slices}
+    given_volume = [k for k, v in volume_form.items() if v is not None]
+    given_split = [k for k, v in split_form.items() if v is not None]
+    if given_volume and given_split:
+        raise CliError(f"{', '.join(given_volume)} (scoring SR volumes) cannot be combined with "
+                       f"{', '.join(given_split)} (scoring a checkpoint on a prepared split)")
+    if given_volume:
+        missing = [k for k in ("--sr", "--hr") if volume_form[k] is None]
+        if missing:
+            raise CliError(f"scoring SR volumes needs --sr and --hr; missing {', '.join(missing)}")
+        _evaluate_volumes(args)
+        return
+    missing = [k for k in ("--checkpoint", "--data", "--scale") if split_form[k] is None]
+    if missing:
+        raise CliError("evaluate needs either --checkpoint, --data and --scale (a checkpoint on "
+                       "a prepared split) or --sr and --hr (SR volumes from any tool); missing "
+                       + ", ".join(missing))
     from pgasr.evaluate import evaluate
     from pgasr.runtime import tune_allocator
 
     _check_scale(args.scale)
+    split = args.split or "test"
     tune_allocator()
     out = args.out or str(Path(args.checkpoint) / f"eval_x{args.scale}")
-    res = evaluate(args.checkpoint, args.data, args.scale, out, split=args.split,
+    res = evaluate(args.checkpoint, args.data, args.scale, out, split=split,
                    max_slices_per_subject=args.max_slices)
     s = res["summary"]
-    print(f"x{args.scale} {args.split}: PSNR {s['psnr']['mean']:.3f} (bicubic "
+    print(f"x{args.scale} {split}: PSNR {s['psnr']['mean']:.3f} (bicubic "
           f"{s['bicubic_psnr']['mean']:.3f}), SSIM {s['ssim']['mean']:.4f}, "
           f"KL(HR||LR) {res['codebook']['kl_hr_lr']:.4f}; written to {out}")
+
+
+def _evaluate_volumes(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from pgasr.evaluate_volumes import evaluate_volumes
+
+    out = args.out or "eval_volumes"
+    bar = tqdm(total=0, desc="evaluate", unit="volume", disable=args.quiet)
+
+    def progress(done: int, total: int, sc) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+        ssim = "n/a" if sc.ssim is None else f"{sc.ssim:.4f}"
+        tqdm.write(f"{sc.subject}: PSNR {sc.psnr:.2f} dB  SSIM {ssim}  ({sc.n_voxels} voxels, "
+                   f"{sc.n_slices} slices)")
+
+    try:
+        res = evaluate_volumes(args.sr, args.hr, out, mask=args.mask or "auto",
+                               pair_by=args.pair_by or "subject", progress=progress)
+    finally:
+        bar.close()
+    for side in ("sr", "hr"):
+        for f in res["unmatched"][side]:
+            print(f"warning: {side.upper()} file without a partner: {f}", file=sys.stderr)
+    for w in res["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+
+    def fmt(m: dict, digits: int, unit: str = "") -> str:
+        if m["n_infinite"]:
+            return f"inf{unit} ({m['n_infinite']} of {m['n']} volumes identical)"
+        if m["mean"] is None:
+            return "n/a"
+        return f"{m['mean']:.{digits}f} ± {m['std']:.{digits}f}{unit}"
+
+    n_un = len(res["unmatched"]["sr"]) + len(res["unmatched"]["hr"])
+    print(f"{res['n_pairs']} pairs (mask {res['mask']}): PSNR {fmt(res['psnr'], 2, ' dB')}, "
+          f"SSIM {fmt(res['ssim'], 4)}; {n_un} unmatched; written to {out}")
 
 
 # --------------------------------------------------------------------------- parser
@@ -174,11 +275,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_synth)
 
-    s = sub.add_parser("prepare", help="IXI T2 (dir or .tar) -> normalised triplet shards + LR",
-                       description="Ingest IXI T2 volumes (or the synthetic cohort) into "
+    s = sub.add_parser("prepare", help="scans (IXI, BIDS, a folder, a list) -> triplet shards + LR",
+                       description="Ingest MRI volumes (or the synthetic cohort) into "
                                    "Parquet slice-triplet shards with degraded LR per scale.")
     _add_config_args(s)
-    s.add_argument("--source", help="IXI T2 directory or IXI-T2.tar (default: data.source)")
+    s.add_argument("--source", help="IXI directory or .tar, BIDS dataset, folder of NIfTI "
+                                    "files, .csv/.tsv list (path[, subject]) or a glob "
+                                    "(default: data.source)")
+    s.add_argument("--source-format", choices=("auto", "ixi", "bids", "list", "glob", "nifti"),
+                   help="how to read --source (default: data.source_format, auto)")
+    s.add_argument("--contrast", help="IXI contrast T1/T2/PD; BIDS suffix contrast+'w' "
+                                      "(default: data.contrast, T2)")
+    s.add_argument("--bids-suffix", help="BIDS suffix when it is not contrast+'w' (e.g. FLAIR)")
+    s.add_argument("--voxel-size", type=float,
+                   help="in-plane mm every scan is resampled to (default: data.voxel_size, 1.0)")
     s.add_argument("--out", help="prepared directory (default: data.prepared_dir)")
     s.add_argument("--force", action="store_true", help="rebuild even when up to date")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -205,27 +315,56 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_train_local)
 
-    s = sub.add_parser("sr", help="super-resolve an LR NIfTI volume with a checkpoint",
-                       description="LR .nii/.nii.gz (axial slices in the third axis) -> SR "
-                                   "volume; in-plane size x scale, affine updated, header kept.")
+    s = sub.add_parser("sr", help="super-resolve LR NIfTI volumes (a file, a folder, a BIDS "
+                                  "dataset) with a checkpoint",
+                       description="LR .nii/.nii.gz -> SR volume on the model's grid: "
+                                   "non-axial volumes are reoriented, the in-plane spacing is "
+                                   "resampled to the model's LR voxels, the output's affine "
+                                   "describes the voxels written; a JSON sidecar records the "
+                                   "model and what was done. A folder gives <name>_sr<S>.nii.gz "
+                                   "under --output; a BIDS dataset gives derivatives/pgasr/"
+                                   "sub-*/.../*_desc-sr<S>_<suffix>.nii.gz.")
     s.add_argument("--checkpoint", required=True, help="stage-2 checkpoint directory")
     s.add_argument("--scale", type=int, required=True, help="2 or 4")
-    s.add_argument("--input", required=True, help="LR .nii/.nii.gz")
-    s.add_argument("--output", required=True, help="SR .nii/.nii.gz")
+    s.add_argument("--input", required=True,
+                   help="LR .nii/.nii.gz, a folder of them, or a BIDS dataset")
+    s.add_argument("--output", help="SR .nii/.nii.gz for a file; a folder for a folder; for "
+                                    "BIDS default <input>/derivatives/pgasr")
+    s.add_argument("--contrast", help="BIDS inputs: which anat images (T2 -> *_T2w; default T2)")
+    s.add_argument("--bids-suffix", help="BIDS inputs: the suffix itself (e.g. FLAIR)")
+    s.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    s.add_argument("--no-resample", dest="resample", action="store_false",
+                   help="process the volume on its own grid (a warning says when it is far "
+                        "from the training spacing)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     s.add_argument("--bf16", action="store_true", help="bfloat16 autocast on GPU")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sr)
 
-    s = sub.add_parser("evaluate", help="PSNR/SSIM/LPIPS + codebook KL on a prepared split",
-                       description="Evaluate a stage-2 checkpoint against bicubic on the test "
-                                   "split; JSON + Markdown + PNGs.")
-    s.add_argument("--checkpoint", required=True)
-    s.add_argument("--data", required=True, help="prepared (+priors) directory")
-    s.add_argument("--scale", type=int, required=True)
-    s.add_argument("--split", default="test", choices=("train", "val", "test"))
-    s.add_argument("--out", help="output directory (default: CHECKPOINT/eval_xS)")
-    s.add_argument("--max-slices", type=int, default=None, help="per subject, evenly spaced")
+    s = sub.add_parser(
+        "evaluate", help="PSNR/SSIM of a checkpoint on a prepared split, or of SR volumes",
+        description="Either evaluate a stage-2 checkpoint against bicubic on a prepared split "
+                    "(--checkpoint --data --scale; JSON + Markdown + PNGs), or score SR NIfTI "
+                    "volumes from any tool against HR volumes (--sr --hr; per_subject.csv + "
+                    "summary.json).")
+    s.add_argument("--checkpoint", help="stage-2 checkpoint directory (checkpoint form)")
+    s.add_argument("--data", help="prepared (+priors) directory (checkpoint form)")
+    s.add_argument("--scale", type=int, help="2 or 4 (checkpoint form)")
+    s.add_argument("--split", choices=("train", "val", "test"),
+                   help="prepared split (checkpoint form; default: test)")
+    s.add_argument("--max-slices", type=int, default=None,
+                   help="per subject, evenly spaced (checkpoint form)")
+    s.add_argument("--sr", help="directory of SR .nii/.nii.gz volumes, searched recursively "
+                                "(volume form)")
+    s.add_argument("--hr", help="directory of HR .nii/.nii.gz volumes (volume form)")
+    s.add_argument("--mask", choices=("auto", "none"),
+                   help="auto: HR head mask (default); none: every voxel (volume form)")
+    s.add_argument("--pair-by", choices=("subject", "name"),
+                   help="subject: BIDS sub-<label> in the name, else the file name (default); "
+                        "name: identical file names (volume form)")
+    s.add_argument("--out", help="output directory (default: CHECKPOINT/eval_xS, or "
+                                 "./eval_volumes for --sr/--hr)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_evaluate)
 
     for register in _EXTRA_COMMANDS:

@@ -67,7 +67,15 @@ class SynthConfig:
 class DataConfig:
     """Dataset ingest (paper Sec. 3 "Dataset")."""
 
-    source: str = "synthetic"  # "synthetic" or a directory / IXI-T2 .tar of NIfTI files
+    # "synthetic", or where the scans are: an IXI directory/.tar, a BIDS dataset, any folder
+    # of NIfTI files, a .csv/.tsv file list or a glob (pgasr.data.sources; docs/data.md)
+    source: str = "synthetic"
+    source_format: str = "auto"  # auto | ixi | bids | list | glob | nifti
+    contrast: str = "T2"  # IXI contrast (T1, T2, PD); BIDS suffix contrast + "w" by default
+    bids_suffix: str = ""  # BIDS suffix to ingest when it is not contrast + "w" (e.g. FLAIR)
+    # In-plane voxel size (mm) every scan is resampled to before slicing (the paper's 1 mm);
+    # null keeps each scan's own spacing. The synthetic cohort is used on its own grid.
+    voxel_size: float | None = 1.0
     prepared_dir: str = "data/prepared"
     slices_per_volume: int = 80  # central axial slices kept per subject
     size: int = 256  # in-plane crop/pad target (pixels)
@@ -413,6 +421,14 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: data.scales may contain only 2 and 4, got {s}")
     if d.slices_per_volume < 1:
         raise ConfigError(f"{source}: data.slices_per_volume must be >= 1")
+    from pgasr.data.sources import FORMATS
+
+    if d.source_format not in FORMATS:
+        raise ConfigError(f"{source}: data.source_format must be one of {', '.join(FORMATS)}, "
+                          f"got {d.source_format!r}")
+    if d.voxel_size is not None and not 0 < d.voxel_size <= 20:
+        raise ConfigError(f"{source}: data.voxel_size must be in (0, 20] mm or null, "
+                          f"got {d.voxel_size}")
     if d.size < 8 or d.size % 8:
         raise ConfigError(f"{source}: data.size must be a positive multiple of 8, got {d.size}")
     for name in ("train_subjects", "val_subjects", "test_subjects"):

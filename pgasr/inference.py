@@ -27,7 +27,9 @@ from pgasr.models import build_stage1, build_stage2
 from pgasr.checkpoint import Checkpoint, load_checkpoint
 from pgasr.config import PriorConfig, RunConfig
 from pgasr.priors import build_prior, check_backend_match
-from pgasr.volume import check_volume, rescale_affine, volume_image
+from pgasr.volume import (
+    check_volume, inplane_voxel_size, resample_inplane, rescale_affine, volume_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -221,11 +223,55 @@ class Predictor:
                 f"at another scale than in training; resample the volume to {want:.2f} mm for "
                 "the intended result")
 
-    def predict_image(self, img: nib.Nifti1Image, scale: int, progress=None) -> nib.Nifti1Image:
-        """NIfTI in, NIfTI out: header kept, shape/affine/zooms updated."""
-        msg = self.check_spacing(img, scale)
-        if msg:
-            log.warning(msg)
+    def lr_voxel_size(self, scale: int) -> float | None:
+        """In-plane voxel size (mm) of the LR inputs this model was trained on at ``scale``
+        (its HR voxel size x ``scale``); None when the checkpoint does not record it."""
+        hr = self.ckpt.meta.get("voxel_size")
+        return float(hr[0]) * scale if hr else None
+
+    def to_model_grid(self, img: nib.Nifti1Image, scale: int) -> tuple[nib.Nifti1Image, dict]:
+        """The input as the model expects it: axial (a sagittal or coronal acquisition is
+        reoriented to RAS+) and, when the checkpoint records its voxel size, resampled in-plane
+        to the model's LR voxel size. Returns the image and what was done (for sidecars)."""
+        info: dict = {"input_shape": [int(n) for n in img.shape[:3]],
+                      "input_voxel_size": [round(float(z), 4) for z in
+                                           np.linalg.norm(img.affine[:3, :3], axis=0)],
+                      "reoriented": False, "resampled": False}
+        if int(nib.orientations.io_orientation(img.affine)[2, 0]) != 2:
+            img = nib.as_closest_canonical(img)
+            info["reoriented"] = True
+            log.info("slices are not axial: reoriented to RAS+ (output is written in RAS+)")
+        want = self.lr_voxel_size(scale)
+        if want is None:
+            return img, info
+        got = inplane_voxel_size(img.affine)
+        if all(abs(g / want - 1) <= 0.01 for g in got):
+            return img, info
+        if max(got) < want * 0.8:
+            log.warning("input in-plane voxels (%.2f x %.2f mm) are finer than the %.2f mm LR "
+                        "voxels of this model at x%d: resampling to them discards detail; the "
+                        "output has the model's %.2f mm voxels", *got, want, scale, want / scale)
+        vol = check_volume(img.dataobj, "input")
+        data, affine = resample_inplane(vol, img.affine, want)
+        info.update(resampled=True, resampled_to=[want, want])
+        log.info("resampled the input in-plane from %.2f x %.2f mm to the model's %.2f mm LR "
+                 "grid", *got, want)
+        return volume_image(data, affine, img), info
+
+    def predict_image(self, img: nib.Nifti1Image, scale: int, progress=None,
+                      resample: bool = False) -> nib.Nifti1Image:
+        """NIfTI in, NIfTI out: header kept, shape/affine/zooms updated.
+
+        ``resample``: bring the input to the model's grid first (:meth:`to_model_grid`; the
+        output's affine then describes that grid at ``scale`` times finer voxels); otherwise
+        the volume is processed on its own grid, with a warning when its spacing is far from
+        the training spacing."""
+        if resample:
+            img, _ = self.to_model_grid(img, scale)
+        else:
+            msg = self.check_spacing(img, scale)
+            if msg:
+                log.warning(msg)
         res = self.predict_volume(np.asanyarray(img.dataobj), img.affine, scale, progress)
         return volume_image(res.sr, res.affine, img)
 

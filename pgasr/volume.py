@@ -21,6 +21,8 @@ __all__ = [
     "degrade_slices",
     "degrade_volume",
     "degrade_volume_file",
+    "inplane_voxel_size",
+    "resample_inplane",
     "rescale_affine",
     "volume_image",
 ]
@@ -35,6 +37,47 @@ def rescale_affine(affine: np.ndarray, factor: float) -> np.ndarray:
     a[:3, 0] *= factor
     a[:3, 1] *= factor
     return a
+
+
+def inplane_voxel_size(affine: np.ndarray) -> tuple[float, float]:
+    """In-plane voxel size (mm) of the first two array axes."""
+    z = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :2], axis=0)
+    return float(z[0]), float(z[1])
+
+
+def resample_inplane(vol: np.ndarray, affine: np.ndarray, voxel_mm: float,
+                     tol: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """Resample the first two axes of ``vol`` (X, Y, Z) to ``voxel_mm`` voxels, same field of
+    view; slices (axis 2) untouched. Cubic B-spline (``nibabel.processing.resample_from_to``)
+    after a Gaussian anti-aliasing filter when the grid gets coarser; clipped to the input's
+    range. Returns ``(volume, affine)``: the input itself when the spacing is already within
+    ``tol`` (relative) of ``voxel_mm``."""
+    import nibabel.processing
+    from scipy.ndimage import gaussian_filter
+
+    affine = np.asarray(affine, dtype=np.float64)
+    zooms = np.array(inplane_voxel_size(affine))
+    if not np.isfinite(zooms).all() or (zooms <= 0).any():
+        raise ValueError(f"affine has no usable in-plane voxel size: {zooms}")
+    if np.all(np.abs(zooms / voxel_mm - 1) <= tol):
+        return vol, affine
+    ratio = voxel_mm / zooms  # > 1: coarser output
+    shape = tuple(max(1, int(round(n / r))) for n, r in zip(vol.shape[:2], ratio))
+    step = np.array([vol.shape[0] / shape[0], vol.shape[1] / shape[1]])  # exact FOV kept
+    out_affine = affine.copy()
+    out_affine[:3, 0] *= step[0]
+    out_affine[:3, 1] *= step[1]
+    out_affine[:3, 3] += affine[:3, :2] @ ((step - 1) / 2)
+    src = np.asarray(vol, dtype=np.float32)
+    sigma = [float(np.sqrt(max(s * s - 1, 0.0)) / 2) for s in step] + [0.0]
+    if max(sigma) > 0:
+        src = gaussian_filter(src, sigma, mode="nearest")
+    img = nib.Nifti1Image(src, affine)
+    res = nibabel.processing.resample_from_to(img, ((*shape, vol.shape[2]), out_affine),
+                                               order=3, mode="nearest")
+    data = np.clip(np.asarray(res.dataobj, dtype=np.float32), float(np.min(vol)),
+                   float(np.max(vol)))
+    return data, out_affine
 
 
 def check_volume(data: np.ndarray, name: str = "volume", max_voxels: int | None = None) -> np.ndarray:

@@ -14,8 +14,10 @@ TINY = ["model.channels=[8,8,8,8]", "model.n_z=8", "model.decoder_channels=8",
         "model.codebook_size=16", "prior.backend=tissue"]
 
 
-def make_tiny_checkpoint(d: str | Path, scales=(2,), seed: int = 0) -> Path:
-    """Write a stage-2 checkpoint of the tiny model (random weights) to ``d``."""
+def make_tiny_checkpoint(d: str | Path, scales=(2,), seed: int = 0,
+                         extra_meta: dict | None = None) -> Path:
+    """Write a stage-2 checkpoint of the tiny model (random weights) to ``d``; ``extra_meta``
+    adds training-data facts (``voxel_size``, ``contrast``) a real run records."""
     import torch
 
     from pgasr.checkpoint import save_checkpoint
@@ -31,7 +33,7 @@ def make_tiny_checkpoint(d: str | Path, scales=(2,), seed: int = 0) -> Path:
     d = Path(d)
     save_checkpoint(d, stage=2, modules={"model": s2}, cfg=cfg,
                     meta={"scales": list(scales), "prior": build_prior(cfg.prior).describe(),
-                          "metrics": {"val_psnr": 1.0}})
+                          "metrics": {"val_psnr": 1.0}, **(extra_meta or {})})
     return d
 
 

@@ -54,7 +54,7 @@ def prepared(tmp_path_factory):
         "data.source=" + str(root / "ixi"), "data.prepared_dir=" + str(root / "prep"),
         "data.size=32", "data.slices_per_volume=6", "data.train_subjects=2",
         "data.val_subjects=1", "data.test_subjects=1", "data.rows_per_shard=8",
-        "data.scales=[2]"])
+        "data.scales=[2]", "data.voxel_size=2.0"])  # the cohort's own 2 mm grid
     prepare(cfg, progress=False)
     return root / "prep"
 

@@ -136,7 +136,10 @@ def test_missing_source(tmp_path):
         prepare(cfg, progress=False)
     (tmp_path / "empty").mkdir()
     cfg = _cfg(tmp_path, **{"data.source": str(tmp_path / "empty")})
-    with pytest.raises(ValueError, match="no IXI T2"):
+    with pytest.raises(ValueError, match=r"no \.nii/\.nii\.gz files found in .*\(read as 'nifti'\)"):
+        prepare(cfg, progress=False)
+    cfg = _cfg(tmp_path, **{"data.source": str(tmp_path / "empty"), "data.source_format": "ixi"})
+    with pytest.raises(ValueError, match="no IXI T2 files"):
         prepare(cfg, progress=False)
 
 

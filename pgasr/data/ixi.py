@@ -1,7 +1,7 @@
-"""Reading IXI-style T2 NIfTI volumes from a directory or straight from the IXI-T2 tar.
+"""Reading NIfTI volumes (bytes or files) with clear errors, and IXI file names.
 
 IXI file names look like ``IXI002-Guys-0828-T2.nii.gz``; the subject id is ``IXI002``.
-Files that are not T2 are ignored; files that cannot be read are reported, never fatal.
+Finding a cohort's files (IXI, BIDS, folders, lists) is :mod:`pgasr.data.sources`.
 """
 
 from __future__ import annotations
@@ -9,9 +9,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import re
-import tarfile
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -19,9 +16,7 @@ import numpy as np
 
 __all__ = [
     "IXI_T2_PATTERN",
-    "VolumeSource",
     "canonical",
-    "iter_sources",
     "load_nifti_bytes",
     "subject_id",
 ]
@@ -34,23 +29,6 @@ def subject_id(name: str) -> str | None:
     """``IXI002`` for ``IXI002-Guys-0828-T2.nii.gz``; None when the name is not an IXI T2 file."""
     m = IXI_T2_PATTERN.match(Path(name).name)
     return m.group(1) if m else None
-
-
-@dataclass
-class VolumeSource:
-    """One T2 file found in the input: where it came from and a way to read its bytes."""
-
-    subject: str
-    name: str  # file name (or tar member name)
-    origin: str  # directory path or tar path
-    _data: bytes | None = None
-    _path: Path | None = None
-
-    def read_bytes(self) -> bytes:
-        if self._data is not None:
-            return self._data
-        assert self._path is not None
-        return self._path.read_bytes()
 
 
 def load_nifti_bytes(data: bytes, name: str = "<bytes>") -> nib.Nifti1Image:
@@ -94,47 +72,6 @@ def canonical(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
     if vol.ndim != 3:
         raise ValueError(f"expected a 3-D volume, got shape {vol.shape}")
     return vol, can.affine
-
-
-def _iter_dir(root: Path) -> Iterator[VolumeSource]:
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            sid = subject_id(p.name)
-            if sid:
-                yield VolumeSource(sid, p.name, str(root), _path=p)
-
-
-def _iter_tar(path: Path) -> Iterator[VolumeSource]:
-    # Streamed: members are read one by one, never the whole archive extracted.
-    with tarfile.open(path, mode="r|*") as tf:
-        for member in tf:
-            if not member.isfile():
-                continue
-            sid = subject_id(member.name)
-            if not sid:
-                continue
-            f = tf.extractfile(member)
-            if f is None:
-                continue
-            yield VolumeSource(sid, Path(member.name).name, str(path), _data=f.read())
-
-
-def iter_sources(source: str | Path) -> Iterator[VolumeSource]:
-    """Yield IXI T2 files from a directory (recursively) or a ``.tar``/``.tar.gz`` archive.
-
-    Raises:
-        FileNotFoundError: ``source`` does not exist.
-        ValueError: ``source`` is a file that is not a tar archive.
-    """
-    p = Path(source)
-    if not p.exists():
-        raise FileNotFoundError(f"IXI source not found: {p}")
-    if p.is_dir():
-        yield from _iter_dir(p)
-    elif tarfile.is_tarfile(p):
-        yield from _iter_tar(p)
-    else:
-        raise ValueError(f"IXI source must be a directory or a .tar archive: {p}")
 
 
 def sha256_bytes(data: bytes) -> str:

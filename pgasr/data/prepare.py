@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tarfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +27,12 @@ from tqdm.auto import tqdm
 from pgasr.config import RunConfig, config_to_dict, dump_config
 from pgasr.data import schema
 from pgasr.data.augment import augment_rng, augment_volume, copy_name
-from pgasr.data.ixi import canonical, image_to_bytes, iter_sources, load_nifti_bytes, sha256_bytes
+from pgasr.data.ixi import canonical, image_to_bytes, load_nifti_bytes, sha256_bytes
+from pgasr.data.sources import detect_format, iter_sources, list_sources
 from pgasr.intensity import CONTRACT, intensity_stats
-from pgasr.volume import degrade_slices, rescale_affine, volume_image
+from pgasr.volume import (
+    degrade_slices, inplane_voxel_size, resample_inplane, rescale_affine, volume_image,
+)
 from pgasr.provenance import (
     PREPARED_MARKER, atomic_write_text, check_replaceable, provenance, replace_dir, sha256_json,
     temp_dir_for,
@@ -211,23 +213,19 @@ class _ShardWriter:
 # --------------------------------------------------------------------------- driver
 
 
-def _list_subjects(source: Path) -> list[tuple[str, str]]:
-    if source.is_dir():
-        return [(s.subject, s.name) for s in iter_sources(source)]
-    if tarfile.is_tarfile(source):
-        from pgasr.data.ixi import subject_id
-
-        with tarfile.open(source) as tf:
-            return [
-                (sid, Path(m.name).name)
-                for m in tf.getmembers()
-                if m.isfile() and (sid := subject_id(m.name))
-            ]
-    raise ValueError(f"IXI source must be a directory or a .tar archive: {source}")
+def _sources(cfg: RunConfig, source: Path, read: bool = True):
+    d = cfg.data
+    kw = {"fmt": d.source_format, "contrast": d.contrast, "bids_suffix": d.bids_suffix}
+    return iter_sources(source, read=read, **kw) if read else list_sources(source, **kw)
 
 
-def _fingerprint(cfg: RunConfig, source: Path) -> str:
-    listing = sorted(_list_subjects(source))
+def _list_subjects(cfg: RunConfig, source: Path) -> list[tuple[str, str, str]]:
+    """(subject, volume, file name) of every volume in the source, names only."""
+    return [(s.subject, s.volume, s.name) for s in _sources(cfg, source, read=False)]
+
+
+def _fingerprint(cfg: RunConfig, source: Path, listing: list) -> str:
+    listing = sorted(listing)
     # augmentation joins the fingerprint only when on: prepared dirs without it keep theirs
     augment = {"augment": config_to_dict(cfg.augment)} if cfg.augment.copies else {}
     return sha256_json({
@@ -248,6 +246,12 @@ def resolve_source(cfg: RunConfig, progress: bool = True) -> Path:
         paths = synthesize_cohort(cfg.synth, cfg.synth.out_dir, progress=progress)
         return Path(paths[0]).parent if paths else Path(cfg.synth.out_dir)
     return Path(cfg.data.source)
+
+
+def _target_voxel(cfg: RunConfig) -> float | None:
+    """In-plane voxel size (mm) scans are resampled to; None = as they are (the synthetic
+    cohort always: it is generated on the grid it is used on)."""
+    return None if cfg.data.source == "synthetic" else cfg.data.voxel_size
 
 
 def prepare(
@@ -271,9 +275,10 @@ def prepare(
     """
     source = resolve_source(cfg, progress)
     out = Path(out_dir or cfg.data.prepared_dir)
-    if not source.exists():
-        raise FileNotFoundError(f"IXI source not found: {source}")
-    fp = _fingerprint(cfg, source)
+    if not source.exists() and not set("*?[") & set(str(source)):
+        raise FileNotFoundError(f"data source not found: {source}")
+    listing = _list_subjects(cfg, source)
+    fp = _fingerprint(cfg, source, listing)
     manifest_path = out / schema.MANIFEST
     if manifest_path.is_file() and not force:
         try:
@@ -285,10 +290,16 @@ def prepare(
             return PrepareResult(out, rows=old.get("rows", {}), subjects=old.get("split", {}),
                                  skipped=old.get("skipped", []), reused=True)
 
-    listing = _list_subjects(source)
     if not listing:
-        raise ValueError(f"no IXI T2 files (IXI<id>-<site>-<num>-T2.nii[.gz]) found in {source}")
-    split = split_subjects([s for s, _ in listing], cfg.data.train_subjects,
+        fmt = cfg.data.source_format if cfg.data.source_format != "auto" else detect_format(source)
+        what = {"ixi": f"IXI {cfg.data.contrast} files (IXI<id>-<site>-<num>-{cfg.data.contrast}"
+                       ".nii[.gz])",
+                "bids": f"BIDS anat files with suffix "
+                        f"'{cfg.data.bids_suffix or cfg.data.contrast + 'w'}' "
+                        "(sub-*/[ses-*/]anat/*.nii[.gz]; set data.bids_suffix / --contrast)",
+                }.get(fmt, ".nii/.nii.gz files")
+        raise ValueError(f"no {what} found in {source} (read as '{fmt}')")
+    split = split_subjects([s for s, _, _ in listing], cfg.data.train_subjects,
                            cfg.data.val_subjects, cfg.data.test_subjects, cfg.data.split_seed)
     split_of = {s: name for name, subs in split.items() for s in subs}
 
@@ -300,40 +311,47 @@ def prepare(
     subjects_meta: dict[str, dict] = {}
     skipped: list[dict] = []
     seen: set[str] = set()
+    target_mm = _target_voxel(cfg)
     try:
-        it = iter_sources(source)
+        it = _sources(cfg, source)
         bar = tqdm(it, total=len(listing), desc="prepare", unit="vol", disable=not progress)
         for src in bar:
-            bar.set_postfix_str(src.subject)
+            bar.set_postfix_str(src.volume)
             which = split_of.get(src.subject)
             if which is None:
                 continue
-            if src.subject in seen:
-                warnings.warn(f"{src.name}: second T2 file for {src.subject}; ignored", stacklevel=2)
-                skipped.append({"file": src.name, "reason": "duplicate subject"})
+            if src.volume in seen:
+                warnings.warn(f"{src.name}: second volume named {src.volume}; ignored",
+                              stacklevel=2)
+                skipped.append({"file": src.name, "reason": "duplicate volume"})
                 continue
             raw = src.read_bytes()
             try:
                 img = load_nifti_bytes(raw, src.name)
                 vol, affine = canonical(img)
+                source_voxel = inplane_voxel_size(affine)
+                if target_mm is not None:
+                    vol, affine = resample_inplane(vol, affine, target_mm)
                 v = volume_to_slices(vol, cfg)
             except ValueError as e:
                 log.warning("skipping %s: %s", src.name, e)
                 warnings.warn(f"skipping {src.name}: {e}", stacklevel=2)
                 skipped.append({"file": src.name, "subject": src.subject, "reason": str(e)})
                 continue
-            seen.add(src.subject)
-            variants = [(src.subject, v, None)]
+            seen.add(src.volume)
+            variants = [(src.volume, v, None)]
             if which == "train":
                 for k in range(1, cfg.augment.copies + 1):
                     aug, params = augment_volume(
-                        vol, augment_rng(cfg.augment.seed, src.subject, k), cfg.augment)
-                    variants.append((copy_name(src.subject, k), volume_to_slices(aug, cfg),
+                        vol, augment_rng(cfg.augment.seed, src.volume, k), cfg.augment)
+                    variants.append((copy_name(src.volume, k), volume_to_slices(aug, cfg),
                                      params))
             for subject, v, params in variants:
                 rows, meta = _subject_rows(cfg, subject, v, affine, vol.shape, which, tmp)
                 writers[which].add(rows)
-                meta.update({"file": src.name, "sha256": sha256_bytes(raw)})
+                meta.update({"file": src.name, "sha256": sha256_bytes(raw),
+                             "subject": src.subject, "contrast": src.contrast,
+                             "source_voxel_size": list(source_voxel)})
                 if params is not None:
                     meta.update({"augmented_from": src.subject, "augment": params})
                 subjects_meta[subject] = meta
@@ -341,10 +359,17 @@ def prepare(
             w.close()
         if not subjects_meta:
             raise ValueError(f"no readable T2 volume in {source} ({len(skipped)} skipped)")
-        final_split = {k: [s for s in v if s in subjects_meta] for k, v in split.items()}
+        # rows are named by volume (a BIDS session adds _ses-X): list volumes per split
+        final_split = {k: sorted(vol for vol, m in subjects_meta.items()
+                                 if m["split"] == k and "augmented_from" not in m)
+                       for k in split}
         manifest = {
             "fingerprint": fp,
             "source": str(source),
+            "source_format": (cfg.data.source_format if cfg.data.source_format != "auto"
+                              else detect_format(source)),
+            "contrast": sorted({m["contrast"] for m in subjects_meta.values()}),
+            "voxel_size": target_mm,
             "split": final_split,
             "rows": {k: w.n_rows for k, w in writers.items()},
             "shards": {k: w.n_files for k, w in writers.items()},
@@ -426,6 +451,8 @@ def data_meta(prepared_dir: str | Path) -> dict:
     man = json.loads(p.read_text())
     sizes = [s["voxel_size"] for s in man.get("subjects", {}).values() if "voxel_size" in s]
     out = {"intensity": man.get("intensity")}
+    if man.get("contrast"):
+        out["contrast"] = man["contrast"]
     if sizes:
         out["voxel_size"] = [float(x) for x in np.median(np.asarray(sizes), axis=0)]
     return out
