@@ -127,10 +127,11 @@ def _contrast_warning(pred, job_contrast: str) -> str | None:
 def cmd_sr(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
-    from pgasr.data.ixi import read_nifti_file
     from pgasr.inference import Predictor
     from pgasr.runtime import tune_allocator
-    from pgasr.sr_files import checkpoint_digest, plan_jobs, sidecar, write_dataset_description
+    from pgasr.sr_files import (
+        checkpoint_digest, plan_jobs, read_input, sidecar, write_dataset_description,
+    )
     from pgasr.provenance import atomic_write_text
     from pgasr.volume import write_nifti
 
@@ -154,7 +155,7 @@ def cmd_sr(args: argparse.Namespace) -> None:
     files = tqdm(jobs, desc="sr", unit="vol", disable=args.quiet or len(jobs) == 1)
     for job in files:
         files.set_postfix_str(job.input.name)
-        img = read_nifti_file(job.input)
+        img = read_input(job.input)
         img, grid = pred.to_model_grid(img, args.scale) if args.resample else (img, {})
         bar = tqdm(total=img.shape[2] if len(img.shape) > 2 else 0, desc=job.input.name,
                    unit="slice", disable=args.quiet or len(jobs) > 1, leave=False)
@@ -327,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", required=True, help="stage-2 checkpoint directory")
     s.add_argument("--scale", type=int, required=True, help="2 or 4")
     s.add_argument("--input", required=True,
-                   help="LR .nii/.nii.gz, a folder of them, or a BIDS dataset")
+                   help="LR .nii/.nii.gz, a folder of them, a BIDS dataset, or a folder "
+                        "holding one DICOM series")
     s.add_argument("--output", help="SR .nii/.nii.gz for a file; a folder for a folder; for "
                                     "BIDS default <input>/derivatives/pgasr")
     s.add_argument("--contrast", help="BIDS inputs: which anat images (T2 -> *_T2w; default T2)")

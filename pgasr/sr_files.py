@@ -1,6 +1,7 @@
 """``pgasr sr`` over files, folders and BIDS datasets: what to write where, and the sidecars.
 
 - a file in, the ``--output`` file out (``.nii``/``.nii.gz``);
+- a folder holding one DICOM series in (:mod:`pgasr.dicom`), the ``--output`` file out;
 - a BIDS dataset in: ``<root>/derivatives/pgasr/sub-X/[ses-Y/]anat/sub-X_[ses-Y_]..._desc-sr2_T2w.nii.gz``
   (or under ``--output``), with the derivative's ``dataset_description.json``;
 - any other folder in: every ``.nii``/``.nii.gz`` below it, written under ``--output`` with the
@@ -18,12 +19,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
+
 from pgasr import __version__
+from pgasr.dicom import is_dicom_dir, read_dicom_series, series_digest
 from pgasr.data.sources import detect_format, iter_sources, nifti_stem
 from pgasr.provenance import atomic_write_text, sha256_file
 
-__all__ = ["SRJob", "checkpoint_digest", "derivative_name", "plan_jobs", "sidecar",
-           "write_dataset_description"]
+__all__ = ["SRJob", "checkpoint_digest", "derivative_name", "input_digest", "plan_jobs",
+           "read_input", "sidecar", "write_dataset_description"]
 
 _NIFTI = (".nii", ".nii.gz")
 
@@ -77,6 +81,10 @@ def plan_jobs(inp: str | Path, output: str | Path | None, scale: int, *,
         if not out.name.endswith(_NIFTI):
             raise ValueError(f"--output must end in .nii or .nii.gz for a file input: {out}")
         jobs = [SRJob(src, out)]
+    elif is_dicom_dir(src):
+        if output is None or not Path(output).name.endswith(_NIFTI):
+            raise ValueError(f"{src} holds a DICOM series: --output must be a .nii/.nii.gz file")
+        jobs = [SRJob(src, Path(output))]
     elif detect_format(src) == "bids":
         deriv = Path(output) if output else src / "derivatives" / "pgasr"
         suffix = bids_suffix or (contrast if contrast.upper() == "FLAIR" else f"{contrast}w")
@@ -111,6 +119,17 @@ def plan_jobs(inp: str | Path, output: str | Path | None, scale: int, *,
     return jobs, deriv
 
 
+def read_input(path: Path) -> nib.Nifti1Image:
+    """A job's input as an image: a NIfTI file, or the DICOM series in a folder."""
+    from pgasr.data.ixi import read_nifti_file
+
+    return read_dicom_series(path) if path.is_dir() else read_nifti_file(path)
+
+
+def input_digest(path: Path) -> str:
+    return series_digest(path) if path.is_dir() else sha256_file(path)
+
+
 def checkpoint_digest(ckpt_dir: str | Path, meta: dict) -> str:
     """SHA-256 over the checkpoint's recorded file hashes (the same for the same weights and
     config wherever the directory lives); hashes the files when meta has none."""
@@ -128,7 +147,7 @@ def sidecar(job: SRJob, scale: int, model: dict, grid: dict) -> dict:
         "SoftwareVersion": __version__,
         "Scale": scale,
         "Model": model,
-        "InputSHA256": sha256_file(job.input),
+        "InputSHA256": input_digest(job.input),
         "Grid": grid,
     }
 
