@@ -230,7 +230,8 @@ def check(ckpts: dict[int, Path], cnn_dir: Path | None, names: list[str], out: P
             if scale in ckpts:
                 t0 = time.perf_counter()
                 rc = cli(["sr", "--checkpoint", str(ckpts[scale]), "--scale", str(scale),
-                          "--input", str(lr_path), "--output", str(sr_path), "--quiet"])
+                          "--input", str(lr_path), "--output", str(sr_path), "--quiet",
+                          "--overwrite"])
                 if rc:
                     raise RuntimeError(f"pgasr sr failed on {name} x{scale} (exit {rc})")
                 imgs["pgasr"] = np.asarray(nib.load(sr_path).dataobj, dtype=np.float32)

@@ -14,11 +14,12 @@ from jobs.common import init_ray, job_parser, load, run_job  # noqa: E402
 
 
 def run_evaluate(cfg, address=None, checkpoint=None, scale=None, max_slices=None) -> dict:
+    from pgasr.checkpoint import stage_dirname
     from pgasr.data.schema import MANIFEST, priors_dir
 
     ray = init_ray(address, cfg)
     scale = int(scale or cfg.stage2.scale)
-    ckpt = str(Path(checkpoint or Path(cfg.run_dir) / "stage2").resolve())
+    ckpt = str(Path(checkpoint or Path(cfg.run_dir) / stage_dirname(2, scale)).resolve())
     data = priors_dir(cfg.data.prepared_dir)
     if not (data / MANIFEST).is_file():
         data = Path(cfg.data.prepared_dir)
@@ -45,7 +46,8 @@ def main(args) -> int:
 
 if __name__ == "__main__":
     p = job_parser(__doc__)
-    p.add_argument("--checkpoint", help="stage-2 checkpoint (default: RUN_DIR/stage2)")
+    p.add_argument("--checkpoint", help="stage-2 checkpoint (default: RUN_DIR/stage2 for x2, "
+                                         "RUN_DIR/stage2_x4 for x4)")
     p.add_argument("--scale", type=int, help="2 or 4 (default: stage2.scale)")
     p.add_argument("--max-slices", type=int, help="per subject, evenly spaced")
     run_job(main, p)

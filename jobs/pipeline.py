@@ -1,6 +1,7 @@
 """The whole pipeline on one Ray cluster (what ``make demo`` runs):
 
-synth -> prepare -> priors -> stage 1 -> stage 2 -> baseline (a residual CNN trained for the
+synth -> prepare -> priors -> stage 1 -> stage 2 (one per scale in ``stage2.scales``, on the
+shared stage 1: ``RUN_DIR/stage2`` for x2, ``RUN_DIR/stage2_x4``) -> baseline (a residual CNN trained for the
 wall time of stages 1 + 2; scored beside PGASR and bicubic on the same test slices, with and
 without PGASR's back-projection) ->
 evaluate -> ``pgasr sr`` on one held-out volume -> report (Markdown + PNGs: LR / bicubic /
@@ -21,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.common import ROOT, init_ray, job_parser, load, run_job  # noqa: E402
+from pgasr.checkpoint import stage_dirname  # noqa: E402
 
 STEPS = ("prepare", "priors", "stage1", "stage2", "baseline", "evaluate", "sr", "report")
 
@@ -120,6 +122,15 @@ def _baseline_lines(b: dict) -> list[str]:
     ]
 
 
+def _at_scale(cfg, scale: int):
+    """``cfg`` with its stage 2 at ``scale`` (its own run name and checkpoint directory)."""
+    import copy
+
+    c = copy.deepcopy(cfg)
+    c.stage2.scale = int(scale)
+    return c
+
+
 def run_pipeline(cfg, address=None, from_step: str = "prepare",
                  baseline_seconds: float | None = None) -> dict:
     from jobs.evaluate import run_evaluate
@@ -149,8 +160,13 @@ def run_pipeline(cfg, address=None, from_step: str = "prepare",
         timed("priors", run_priors, cfg, address)
     if "stage1" in todo:
         timed("stage1", run_stage, 1, cfg, address)
+    # One stage 2 per scale on the shared stage 1 (RUN_DIR/stage2, RUN_DIR/stage2_x4, ...);
+    # the baseline, sr and report steps use the x{stage2.scale} model.
+    extra = [s for s in cfg.stage2.scales if s != scale]
     if "stage2" in todo:
         timed("stage2", run_stage, 2, cfg, address)
+        for s in extra:
+            timed(f"stage2_x{s}", run_stage, 2, _at_scale(cfg, s), address)
     baseline = None
     if "baseline" in todo:
         from pgasr.baseline import compare_with_pgasr
@@ -163,7 +179,7 @@ def run_pipeline(cfg, address=None, from_step: str = "prepare",
         if not budget:
             raise ValueError("the baseline step needs --baseline-seconds when stages 1 and 2 "
                              "did not run in this invocation")
-        baseline = timed("baseline", compare_with_pgasr, str(out / "stage2"),
+        baseline = timed("baseline", compare_with_pgasr, str(out / stage_dirname(2, scale)),
                          str(data_dir(cfg)), scale, seconds=budget, seed=cfg.seed,
                          save_to=str(out / "baseline_cnn"))
         baseline["pgasr_train_seconds"] = pgasr_s or None
@@ -175,6 +191,8 @@ def run_pipeline(cfg, address=None, from_step: str = "prepare",
     eval_res = None
     if "evaluate" in todo:
         eval_res = timed("evaluate", run_evaluate, cfg, address, None, scale)
+        for s in extra:
+            timed(f"evaluate_x{s}", run_evaluate, _at_scale(cfg, s), address, None, s)
         import shutil
 
         shutil.rmtree(out / "eval", ignore_errors=True)
@@ -185,8 +203,9 @@ def run_pipeline(cfg, address=None, from_step: str = "prepare",
 
         def sr():
             subprocess.run([sys.executable, "-m", "pgasr.cli", "sr", "--checkpoint",
-                            str(out / "stage2"), "--scale", str(scale), "--input", str(lr_path),
-                            "--output", str(sr_path), "--quiet"], check=True, cwd=ROOT)
+                            str(out / stage_dirname(2, scale)), "--scale", str(scale),
+                            "--input", str(lr_path), "--output", str(sr_path), "--quiet",
+                            "--overwrite"], check=True, cwd=ROOT)
 
         timed("sr", sr)
         if eval_res is None:

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pgasr.checkpoint import stage_dirname
 from pgasr.config import RunConfig, config_from_dict, config_to_dict
 from pgasr.data import schema
 from pgasr.provenance import atomic_write_text, sha256_file
@@ -214,7 +215,7 @@ def make_trainer(stage: int, cfg: RunConfig, *, name: str | None = None,
     res = cfg.resources
     storage = str(Path(res.storage_path).resolve()) if "://" not in res.storage_path \
         else res.storage_path
-    name = name or f"{cfg.name}-stage{stage}"
+    name = name or default_run_name(stage, cfg)
     if "://" not in storage:
         _check_same_run(Path(storage) / name, cfg, stage)
     trainer = TorchTrainer(
@@ -235,12 +236,18 @@ def make_trainer(stage: int, cfg: RunConfig, *, name: str | None = None,
     return trainer
 
 
+def default_run_name(stage: int, cfg: RunConfig) -> str:
+    """Ray Train run name of a stage: ``{name}-stage1``, ``{name}-stage2`` (x2) and
+    ``{name}-stage2-x{s}`` (other scales: never resumes the x2 run)."""
+    return f"{cfg.name}-{stage_dirname(stage, cfg.stage2.scale).replace('_', '-')}"
+
+
 def run_stage(stage: int, cfg: RunConfig, address: str | None = None, *,
               name: str | None = None, out: str | Path | None = None) -> Path:
     """Run one stage on the cluster; export the final checkpoint to ``out`` (default
-    ``{run_dir}/stage{N}``, with a ``stage{N}.json`` summary beside it).
+    ``{run_dir}/{stage_dirname(stage, stage2.scale)}``, with a ``.json`` summary beside it).
 
-    ``name`` is the Ray Train run name (default ``{cfg.name}-stage{N}``): running again under
+    ``name`` is the Ray Train run name (default :func:`default_run_name`): running again under
     the same name and ``resources.storage_path`` resumes from the latest checkpoint.
 
     Raises:
@@ -251,7 +258,7 @@ def run_stage(stage: int, cfg: RunConfig, address: str | None = None, *,
     from pgasr.checkpoint import publish_checkpoint
     from pgasr.provenance import CHECKPOINT_MARKER, check_replaceable
 
-    out = Path(out) if out is not None else Path(cfg.run_dir) / f"stage{stage}"
+    out = Path(out) if out is not None else Path(cfg.run_dir) / stage_dirname(stage, cfg.stage2.scale)
     check_replaceable(out, CHECKPOINT_MARKER)  # before training, not after it
     init_ray(address, cfg)
     trainer = make_trainer(stage, cfg, name=name)

@@ -52,7 +52,15 @@ TRAIN_STATE_FILE = "train_state.pt"
 HASHED_FILES = (MODEL_FILE, CONFIG_FILE, TRAIN_STATE_FILE)
 
 __all__ = ["Checkpoint", "CheckpointIntegrityError", "FORMAT", "NonFiniteWeightsError",
-           "load_checkpoint", "publish_checkpoint", "save_checkpoint"]
+           "load_checkpoint", "publish_checkpoint", "save_checkpoint", "stage_dirname"]
+
+
+def stage_dirname(stage: int, scale: int = 2) -> str:
+    """A run directory's name for a stage's exported checkpoint: ``stage1``; ``stage2`` for the
+    x2 model and ``stage2_x{s}`` for any other scale, so one run holds a model per scale."""
+    if stage == 1:
+        return "stage1"
+    return "stage2" if int(scale) == 2 else f"stage2_x{int(scale)}"
 
 
 class CheckpointIntegrityError(ValueError):

@@ -180,6 +180,9 @@ class ServeConfig:
     """
 
     checkpoint: str = ""
+    # More stage-2 checkpoints of other scales (e.g. RUN_DIR/stage2_x4): one replica serves
+    # them all and routes each request by its ?scale=
+    checkpoints: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys_env: str = "PGASR_API_KEYS"
@@ -441,6 +444,10 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
     nlo, nhi = cfg.degradation.noise_sigma
     if not 0 <= nlo <= nhi:
         raise ConfigError(f"{source}: degradation.noise_sigma must be 0 <= lo <= hi")
+    for s in cfg.stage2.scales or [cfg.stage2.scale]:
+        if s not in d.scales:
+            raise ConfigError(f"{source}: stage 2 at x{s} (stage2.scale / stage2.scales) needs "
+                              f"x{s} in data.scales, got {d.scales}")
     a = cfg.augment
     if a.copies < 0:
         raise ConfigError(f"{source}: augment.copies must be >= 0, got {a.copies}")

@@ -33,7 +33,7 @@ from pgasr.volume import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Predictor", "VolumeResult", "normalise_volume"]
+__all__ = ["Predictor", "PredictorSet", "VolumeResult", "normalise_volume"]
 
 
 def normalise_volume(vol: np.ndarray, head_threshold: float) -> tuple[np.ndarray, float, float]:
@@ -274,6 +274,50 @@ class Predictor:
                 log.warning(msg)
         res = self.predict_volume(np.asanyarray(img.dataobj), img.affine, scale, progress)
         return volume_image(res.sr, res.affine, img)
+
+
+class PredictorSet:
+    """Several stage-2 checkpoints of one run (e.g. ``stage2`` at x2 and ``stage2_x4`` at x4)
+    behind :class:`Predictor`'s interface: every call goes to the model trained for its scale.
+
+    Raises:
+        ValueError: two checkpoints claim the same scale.
+    """
+
+    def __init__(self, predictors: list[Predictor]):
+        if not predictors:
+            raise ValueError("PredictorSet needs at least one predictor")
+        self.by_scale: dict[int, Predictor] = {}
+        for p in predictors:
+            for s in p.scales:
+                if s in self.by_scale:
+                    raise ValueError(f"x{s} is served by both {self.by_scale[s].ckpt.path} and "
+                                     f"{p.ckpt.path}; give one checkpoint per scale")
+                self.by_scale[s] = p
+        self.scales = sorted(self.by_scale)
+        self.device = predictors[0].device
+
+    @classmethod
+    def from_checkpoints(cls, paths: list[str | Path], **kw) -> PredictorSet:
+        return cls([Predictor.from_checkpoint(p, **kw) for p in paths])
+
+    def _for(self, scale: int) -> Predictor:
+        if scale not in self.by_scale:
+            raise ValueError(f"scale {scale} not supported by these checkpoints (trained for "
+                             f"{self.scales})")
+        return self.by_scale[scale]
+
+    def describe(self) -> dict:
+        first = self.by_scale[self.scales[0]].describe()
+        return {**first, "scales": self.scales,
+                "checkpoints": {str(s): self.by_scale[s].describe() for s in self.scales}}
+
+    def predict_triplets(self, lr, scale: int, prior_lr=None) -> np.ndarray:
+        return self._for(scale).predict_triplets(lr, scale, prior_lr)
+
+    def predict_image(self, img: nib.Nifti1Image, scale: int, progress=None,
+                      resample: bool = False) -> nib.Nifti1Image:
+        return self._for(scale).predict_image(img, scale, progress, resample)
 
 
 def _inplane_orientation(affine: np.ndarray):

@@ -829,7 +829,7 @@ class PGASRServer:
     :func:`build_app`."""
 
     def __init__(self, cfg: dict):
-        from pgasr.inference import Predictor
+        from pgasr.inference import Predictor, PredictorSet
 
         run_cfg = config_from_dict(cfg, "serve app")
         # nibabel logs a line per odd header field; hostile uploads would flood the logs.
@@ -844,8 +844,9 @@ class PGASRServer:
         # Intra-op threads = the CPUs this replica reserved (Ray's OMP_NUM_THREADS says the
         # same); results are bitwise reproducible for a given thread count.
         torch.set_num_threads(max(1, int(s.cpus_per_replica)))
-        predictor = Predictor.from_checkpoint(s.checkpoint, device="auto", bf16=s.bf16,
-                                              batch_size=s.max_batch_size)
+        kw = {"device": "auto", "bf16": s.bf16, "batch_size": s.max_batch_size}
+        predictor = (PredictorSet.from_checkpoints([s.checkpoint, *s.checkpoints], **kw)
+                     if s.checkpoints else Predictor.from_checkpoint(s.checkpoint, **kw))
         self._sr_batch.set_max_batch_size(s.max_batch_size)
         self._sr_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         self.service = Service(predictor, run_cfg, KeyChecker(keys, s.allow_no_auth),
@@ -943,8 +944,11 @@ def load_serve_config(args: dict | None) -> RunConfig:
     s = cfg.serve
     validate_serve_config(s)
     s.checkpoint = str(Path(s.checkpoint).expanduser().resolve())
-    if not Path(s.checkpoint).is_dir():
-        raise ConfigError(f"serve.checkpoint: {s.checkpoint} is not a directory")
+    s.checkpoints = [str(Path(c).expanduser().resolve()) for c in s.checkpoints]
+    for key, path in [("serve.checkpoint", s.checkpoint)] + [
+            (f"serve.checkpoints[{i}]", c) for i, c in enumerate(s.checkpoints)]:
+        if not Path(path).is_dir():
+            raise ConfigError(f"{key}: {path} is not a directory")
     if s.api_keys_file:
         s.api_keys_file = str(Path(s.api_keys_file).expanduser().resolve())
     return cfg

@@ -1375,3 +1375,43 @@ def test_viewer_in_headless_chromium(chromium_installed, served, tmp_path):
     sl = sr[:, :, res.slice_index].T[::-1].astype(np.float64)
     want = np.clip(np.floor(255 * (sl - lo) / (hi - lo) + 0.5), 0, 255)
     assert np.abs(got - want).max() <= 1
+
+
+def test_one_replica_serves_a_checkpoint_per_scale(tmp_path, key_file):
+    """A run's x2 model (stage2) and x4 model (stage2_x4), each trained on its own (#16): one
+    Service routes each request by ?scale= to the model trained for it."""
+    from pgasr.inference import Predictor, PredictorSet
+
+    x2 = make_tiny_checkpoint(tmp_path / "stage2", scales=(2,), seed=0)
+    x4 = make_tiny_checkpoint(tmp_path / "stage2_x4", scales=(4,), seed=1)
+    cfg = load_config(None, _overrides(x2, key_file) + [f"serve.checkpoints=[{x4}]"])
+    assert A.load_serve_config({"overrides": _overrides(x2, key_file) + [
+        f"serve.checkpoints=[{x4}]"]}).serve.checkpoints == [str(x4.resolve())]
+    with pytest.raises(ConfigError, match=r"serve.checkpoints\[0\]"):
+        A.load_serve_config({"overrides": _overrides(x2, key_file) + [
+            f"serve.checkpoints=[{tmp_path / 'missing'}]"]})
+    pset = PredictorSet.from_checkpoints([x2, x4], device="cpu")
+    with pytest.raises(ValueError, match="x2 is served by both"):
+        PredictorSet.from_checkpoints([x2, x2], device="cpu")
+    svc = A.Service(pset, cfg, A.KeyChecker(A.load_api_keys(cfg.serve)))
+    vol = synthetic_volume()
+    refs = {s: Predictor.from_checkpoint(p, device="cpu", batch_size=16).predict_image(vol, s)
+            for s, p in ((2, x2), (4, x4))}
+
+    async def run():
+        async with _asgi_client(svc) as c:
+            info = (await c.get("/v1/model", headers=H)).json()
+            assert info["scales"] == [2, 4] and set(info["checkpoints"]) == {"2", "4"}
+            for s in (2, 4):
+                r = await c.post(f"/v1/sr?scale={s}", content=image_to_bytes(vol), headers=H)
+                assert r.status_code == 200, r.text
+                out = nib.Nifti1Image.from_bytes(gzip.decompress(r.content))
+                np.testing.assert_allclose(np.asarray(out.dataobj), refs[s].get_fdata(),
+                                           rtol=1e-5, atol=1e-4)
+            r = await c.post("/v1/sr?scale=3", content=image_to_bytes(vol), headers=H)
+            assert _json_status(r, 422, "unsupported_scale")
+
+    try:
+        asyncio.run(run())
+    finally:
+        svc.close()

@@ -110,3 +110,41 @@ def test_run_stage_exports_only_over_its_own_checkpoint(tmp_path, monkeypatch):
     assert first == again == Path(cfg.run_dir) / "stage1" and len(fits) == 2
     assert load_checkpoint(again).meta["metrics"]["val_psnr"] == 3.0
     assert sorted(p.name for p in Path(cfg.run_dir).iterdir()) == ["stage1", "stage1.json"]
+
+
+def test_each_scale_has_its_own_run_and_checkpoint(tmp_path, monkeypatch):
+    """No Ray (trainer faked): a x4 stage 2 neither resumes the x2 run (its own Ray run name)
+    nor replaces the x2 checkpoint (its own directory), and the pipeline's per-scale configs
+    differ only in the scale (#16)."""
+    import types
+
+    import torch
+
+    import jobs.common
+    import jobs.train_stage as ts
+    from jobs.pipeline import _at_scale
+    from pgasr.checkpoint import save_checkpoint
+    from pgasr.config import ConfigError
+
+    cfg = tiny_cfg(tmp_path, "stage2.scales=[2, 4]")
+    names: list[str] = []
+
+    def make_trainer(stage, c, name=None, **kw):
+        names.append(name or ts.default_run_name(stage, c))
+        src = save_checkpoint(tmp_path / "ray" / f"ck-x{c.stage2.scale}", stage=2,
+                              modules={"model": torch.nn.Linear(2, 2)}, cfg=c,
+                              meta={"scales": [c.stage2.scale]})
+        return types.SimpleNamespace(fit=lambda: types.SimpleNamespace(
+            checkpoint=_FakeRayCheckpoint(src), error=None, metrics={}))
+
+    monkeypatch.setattr(jobs.common, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(ts, "make_trainer", make_trainer)
+    x2 = ts.run_stage(2, cfg)
+    x4_cfg = _at_scale(cfg, 4)
+    x4 = ts.run_stage(2, x4_cfg)
+    assert (x2.name, x4.name) == ("stage2", "stage2_x4")
+    assert names == ["tiny-stage2", "tiny-stage2-x4"]
+    assert load_checkpoint(x2).meta["scales"] == [2] and load_checkpoint(x4).meta["scales"] == [4]
+    assert cfg.stage2.scale == 2 and x4_cfg.stage2.scale == 4  # the caller's config untouched
+    with pytest.raises(ConfigError, match="needs x4 in data.scales"):
+        tiny_cfg(tmp_path, "stage2.scales=[2, 4]", "data.scales=[2]")

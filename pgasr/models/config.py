@@ -101,7 +101,15 @@ class Stage2Config:
     # Beyond the paper (CodeFormer's L_feat): weight of ||z^t - sg[Ê(HR)]||^2, a dense target
     # for E's features from the frozen Ê (computed anyway for L_align_d). 0 = Eq. 5 exactly.
     feature_weight: float = 0.0
+    # Beyond the paper (CodeFormer's controllable feature transformation, pgasr.models.fidelity):
+    # w of the fusion of E's full-resolution features into G's last features, trained in stage 2
+    # with G frozen; 0 = off (the paper's G(Z(E(.))) exactly). fidelity_blocks: its ResBlocks.
+    fidelity: float = 0.0
+    fidelity_blocks: int = 2
     scale: int = 2
+    # Scales the pipeline trains a stage 2 for, on one shared stage 1 (paper: [2, 4]); empty =
+    # [scale]. The x2 model is exported as RUN_DIR/stage2, any other as RUN_DIR/stage2_x{s}.
+    scales: list[int] = field(default_factory=list)
     stage1_checkpoint: str = ""
     max_steps: int = 0
     crop: int = 0  # random crop side in HR pixels (multiple of scale); 0 = whole slices
