@@ -159,6 +159,7 @@ class ResourcesConfig:
     # need it: without it every Train run logs "State API may be temporarily unavailable"
     # and placement groups of stopped Tune trials are not released.
     local_dashboard: bool = True
+    prepare_cpus: float = 1.0  # CPUs of each per-volume ingest task of jobs/prepare.py
     gpus_per_prior_actor: float = 0.0
     prior_actors: int = 2
     max_failures: int = 2

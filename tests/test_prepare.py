@@ -215,3 +215,53 @@ def test_two_concurrent_prepares_each_publish_a_complete_directory(tmp_path):
             if man["rows"][s]}
     assert rows == {s: n for s, n in man["rows"].items() if n}  # shards match their manifest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ixi", "prep"]
+
+
+# --------------------------------------------------------------------------- distributed (#16)
+
+
+@pytest.mark.ray
+def test_distributed_prepare_equals_the_local_one(ray_session, tmp_path):
+    """jobs/prepare.py (one Ray task per volume, write_parquet) writes the same rows, split,
+    exported volumes and manifest as the single-process path; the unreadable file is skipped
+    the same way. Only the shard layout may differ."""
+    from pgasr.data.batches import read_split
+    from jobs.prepare import run_prepare
+
+    _write_cohort(tmp_path / "ixi")
+    sets = {"augment.copies": 1}
+    local = prepare(_cfg(tmp_path, **sets, **{"data.prepared_dir": tmp_path / "local"}),
+                    progress=False)
+    dist_cfg = _cfg(tmp_path, **sets, **{"data.prepared_dir": tmp_path / "dist"})
+    out = run_prepare(dist_cfg)
+    assert out["reused"] is False and out["rows"] == local.rows
+    ml, md = (json.loads((tmp_path / d / schema.MANIFEST).read_text()) for d in ("local", "dist"))
+    volatile = {"shards", "config", "git_sha", "versions", "host"}  # config: its prepared_dir
+    assert {k: v for k, v in ml.items() if k not in volatile} == \
+        {k: v for k, v in md.items() if k not in volatile}
+    assert [s["reason"][:20] for s in md["skipped"]] == [s["reason"][:20] for s in ml["skipped"]]
+    assert sum(local.rows.values()) > 0
+    for split in schema.SPLITS:
+        if local.rows[split] == 0:  # the unreadable subject's split
+            assert out["rows"][split] == 0
+            continue
+        a, b = read_split(tmp_path / "local", split), read_split(tmp_path / "dist", split)
+        ka = np.lexsort((a[schema.SLICE], a[schema.SUBJECT]))
+        kb = np.lexsort((b[schema.SLICE], b[schema.SUBJECT]))
+        assert set(a) == set(b) and len(ka) == len(kb) == local.rows[split]
+        for col in a:
+            np.testing.assert_array_equal(a[col][ka], b[col][kb], err_msg=f"{split}/{col}")
+    vols = sorted(p.name for p in (tmp_path / "local" / "volumes").iterdir())
+    assert vols and vols == sorted(p.name for p in (tmp_path / "dist" / "volumes").iterdir())
+    for name in vols:
+        assert (tmp_path / "local" / "volumes" / name).read_bytes() == \
+            (tmp_path / "dist" / "volumes" / name).read_bytes()
+    assert not (tmp_path / "dist" / ".ingest").exists()
+    # a tar is a stream: one task ingests it, with the same rows
+    tar = tmp_path / "IXI-T2.tar"
+    with tarfile.open(tar, "w") as tf:
+        for p in sorted((tmp_path / "ixi").iterdir()):
+            tf.add(p, arcname=f"IXI-T2/{p.name}")
+    from_tar = run_prepare(_cfg(tmp_path, **sets, **{"data.source": tar,
+                                                     "data.prepared_dir": tmp_path / "tar"}))
+    assert from_tar["rows"] == local.rows

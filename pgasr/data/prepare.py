@@ -40,8 +40,9 @@ from pgasr.provenance import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PrepareResult", "crop_affine", "crop_or_pad", "prepare", "split_subjects",
-           "volume_to_slices", "LR_VOLUMES"]
+__all__ = ["IngestResult", "PrepareResult", "crop_affine", "crop_or_pad", "ingest_local",
+           "ingest_volume", "prepare", "split_subjects", "unique_sources", "volume_to_slices",
+           "LR_VOLUMES"]
 
 #: Sub-directory of a prepared directory with the test subjects' HR and LR volumes
 #: (``{subject}_hr.nii.gz``, ``{subject}_lr_x{s}.nii.gz``) on the grid the model sees.
@@ -259,6 +260,7 @@ def prepare(
     out_dir: str | Path | None = None,
     progress: bool = True,
     force: bool = False,
+    ingest=None,
 ) -> PrepareResult:
     """Ingest the configured source into Parquet triplet shards (see ``pgasr.data.schema``).
 
@@ -267,6 +269,10 @@ def prepare(
 
     The output directory is replaced only when it is absent, empty, or a prepared directory
     (its ``manifest.json`` has a ``fingerprint``); ``force`` does not change that.
+
+    ``ingest(cfg, source, split_of, tmp, progress, total) -> IngestResult`` turns the source's
+    volumes into shards under ``tmp/{split}``; default :func:`ingest_local` (one process).
+    ``jobs/prepare.py`` passes one that runs :func:`ingest_volume` as a Ray task per volume.
 
     Raises:
         FileNotFoundError / ValueError: missing source, bad split, or no readable volume.
@@ -307,58 +313,12 @@ def prepare(
     # each run writes into its own uniquely named temp dir, so concurrent runs never collide.
     check_replaceable(out, PREPARED_MARKER)
     tmp = temp_dir_for(out)
-    writers = {name: _ShardWriter(tmp / name, cfg.data.rows_per_shard) for name in schema.SPLITS}
-    subjects_meta: dict[str, dict] = {}
-    skipped: list[dict] = []
-    seen: set[str] = set()
     target_mm = _target_voxel(cfg)
     try:
-        it = _sources(cfg, source)
-        bar = tqdm(it, total=len(listing), desc="prepare", unit="vol", disable=not progress)
-        for src in bar:
-            bar.set_postfix_str(src.volume)
-            which = split_of.get(src.subject)
-            if which is None:
-                continue
-            if src.volume in seen:
-                warnings.warn(f"{src.name}: second volume named {src.volume}; ignored",
-                              stacklevel=2)
-                skipped.append({"file": src.name, "reason": "duplicate volume"})
-                continue
-            raw = src.read_bytes()
-            try:
-                img = load_nifti_bytes(raw, src.name)
-                vol, affine = canonical(img)
-                source_voxel = inplane_voxel_size(affine)
-                if target_mm is not None:
-                    vol, affine = resample_inplane(vol, affine, target_mm)
-                v = volume_to_slices(vol, cfg)
-            except ValueError as e:
-                log.warning("skipping %s: %s", src.name, e)
-                warnings.warn(f"skipping {src.name}: {e}", stacklevel=2)
-                skipped.append({"file": src.name, "subject": src.subject, "reason": str(e)})
-                continue
-            seen.add(src.volume)
-            variants = [(src.volume, v, None)]
-            if which == "train":
-                for k in range(1, cfg.augment.copies + 1):
-                    aug, params = augment_volume(
-                        vol, augment_rng(cfg.augment.seed, src.volume, k), cfg.augment)
-                    variants.append((copy_name(src.volume, k), volume_to_slices(aug, cfg),
-                                     params))
-            for subject, v, params in variants:
-                rows, meta = _subject_rows(cfg, subject, v, affine, vol.shape, which, tmp)
-                writers[which].add(rows)
-                meta.update({"file": src.name, "sha256": sha256_bytes(raw),
-                             "subject": src.subject, "contrast": src.contrast,
-                             "source_voxel_size": list(source_voxel)})
-                if params is not None:
-                    meta.update({"augmented_from": src.subject, "augment": params})
-                subjects_meta[subject] = meta
-        for w in writers.values():
-            w.close()
+        res = (ingest or ingest_local)(cfg, source, split_of, tmp, progress, len(listing))
+        subjects_meta, skipped = res.subjects, res.skipped
         if not subjects_meta:
-            raise ValueError(f"no readable T2 volume in {source} ({len(skipped)} skipped)")
+            raise ValueError(f"no readable volume in {source} ({len(skipped)} skipped)")
         # rows are named by volume (a BIDS session adds _ses-X): list volumes per split
         final_split = {k: sorted(vol for vol, m in subjects_meta.items()
                                  if m["split"] == k and "augmented_from" not in m)
@@ -371,8 +331,8 @@ def prepare(
             "contrast": sorted({m["contrast"] for m in subjects_meta.values()}),
             "voxel_size": target_mm,
             "split": final_split,
-            "rows": {k: w.n_rows for k, w in writers.items()},
-            "shards": {k: w.n_files for k, w in writers.items()},
+            "rows": res.rows,
+            "shards": res.shards,
             "subjects": subjects_meta,
             "skipped": skipped,
             "augmented": sorted(k for k, m in subjects_meta.items() if "augmented_from" in m),
@@ -394,6 +354,97 @@ def prepare(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename
     return PrepareResult(out, rows=manifest["rows"], subjects=final_split, skipped=skipped)
+
+@dataclass
+class IngestResult:
+    """What an ingest wrote under the temporary prepared directory."""
+
+    subjects: dict[str, dict]  # volume (and augmented copy) -> manifest entry
+    skipped: list[dict]
+    rows: dict[str, int]  # per split
+    shards: dict[str, int]  # Parquet files per split
+
+
+def unique_sources(cfg: RunConfig, sources, split_of: dict[str, str]):
+    """``(source, split)`` of every volume to ingest, in order: volumes of unsplit subjects
+    are left out; a second volume with an already-seen name is reported and skipped."""
+    seen: set[str] = set()
+    for src in sources:
+        which = split_of.get(src.subject)
+        if which is None:
+            continue
+        if src.volume in seen:
+            warnings.warn(f"{src.name}: second volume named {src.volume}; ignored", stacklevel=2)
+            yield src, None
+            continue
+        seen.add(src.volume)
+        yield src, which
+
+
+def ingest_volume(cfg: RunConfig, src, which: str, tmp: Path) -> tuple[list, dict | None]:
+    """One volume (and its augmented copies for a training volume): read, reorient, resample,
+    slice, degrade. Returns ``([(rows, manifest entry), ...], None)``, or ``([], skipped)``
+    for an unreadable volume. Test volumes are exported to ``tmp / LR_VOLUMES``."""
+    raw = src.read_bytes()
+    try:
+        img = load_nifti_bytes(raw, src.name)
+        vol, affine = canonical(img)
+        source_voxel = inplane_voxel_size(affine)
+        target_mm = _target_voxel(cfg)
+        if target_mm is not None:
+            vol, affine = resample_inplane(vol, affine, target_mm)
+        v = volume_to_slices(vol, cfg)
+    except ValueError as e:
+        log.warning("skipping %s: %s", src.name, e)
+        return [], {"file": src.name, "subject": src.subject, "reason": str(e)}
+    variants = [(src.volume, v, None)]
+    if which == "train":
+        for k in range(1, cfg.augment.copies + 1):
+            aug, params = augment_volume(vol, augment_rng(cfg.augment.seed, src.volume, k),
+                                         cfg.augment)
+            variants.append((copy_name(src.volume, k), volume_to_slices(aug, cfg), params))
+    out = []
+    digest = sha256_bytes(raw)
+    for name, v, params in variants:
+        rows, meta = _subject_rows(cfg, name, v, affine, vol.shape, which, tmp)
+        meta.update({"file": src.name, "sha256": digest, "subject": src.subject,
+                     "contrast": src.contrast, "source_voxel_size": list(source_voxel)})
+        if params is not None:
+            meta.update({"augmented_from": src.subject, "augment": params})
+        out.append((rows, meta))
+    return out, None
+
+
+def ingest_local(cfg: RunConfig, source: Path, split_of: dict[str, str], tmp: Path,
+                 progress: bool, total: int) -> IngestResult:
+    """Every volume in this process, one in memory at a time, into fixed-size shards."""
+    writers = {name: _ShardWriter(tmp / name, cfg.data.rows_per_shard) for name in schema.SPLITS}
+    subjects: dict[str, dict] = {}
+    skipped: list[dict] = []
+    bar = tqdm(unique_sources(cfg, _sources(cfg, source), split_of), total=total,
+               desc="prepare", unit="vol", disable=not progress)
+    for src, which in bar:
+        bar.set_postfix_str(src.volume)
+        if which is None:
+            skipped.append({"file": src.name, "reason": "duplicate volume"})
+            continue
+        variants, skip = ingest_volume(cfg, src, which, tmp)
+        if skip is not None:
+            warnings.warn(f"skipping {src.name}: {skip['reason']}", stacklevel=2)
+            skipped.append(skip)
+        for rows, meta in variants:
+            writers[which].add(rows)
+            subjects[meta_name(rows)] = meta
+    for w in writers.values():
+        w.close()
+    return IngestResult(subjects, skipped, {k: w.n_rows for k, w in writers.items()},
+                        {k: w.n_files for k, w in writers.items()})
+
+
+def meta_name(rows: dict) -> str:
+    """The volume a block of rows belongs to."""
+    return rows[schema.SUBJECT][0]
+
 
 def _subject_rows(cfg: RunConfig, subject: str, v: dict, affine: np.ndarray,
                   source_shape: tuple[int, ...], which: str, tmp: Path) -> tuple[dict, dict]:
