@@ -259,6 +259,34 @@ def test_stage2_feature_target_pulls_e_towards_e_hat_of_hr():
         stage2_step(s2, b, cfg)
 
 
+def test_stage2_fidelity_fusion_starts_at_the_paper_model_and_learns_only_itself():
+    cfg = tiny_cfg()
+    s1, plain = _stage2(cfg)
+    cfg.stage2.fidelity = 1.0
+    fused = build_stage2(cfg, s1).train()
+    fused.encoder.load_state_dict(plain.encoder.state_dict())
+    fused.scab.load_state_dict(plain.scab.state_dict())
+    b = s2_batch()
+    lr_up = upsample_lr(b["lr"], b["hr"].shape[-2:])
+    with torch.no_grad():  # zero-initialised modulation: exactly G(Z(SCAB(E(.))))
+        torch.testing.assert_close(fused(lr_up, b["prior_lr"]), plain(lr_up, b["prior_lr"]))
+    frozen = {k: v.clone() for k, v in fused.state_dict().items()
+              if k.split(".")[0] in fused.FROZEN}
+    opt = make_stage2_optimizer(cfg, fused)
+    assert any(p is fused.fidelity.to_shift.weight for g in opt.param_groups for p in g["params"])
+    for _ in range(3):
+        stage2_update(fused, opt, b, cfg)
+    assert float(fused.fidelity.to_shift.weight.detach().abs().sum()) > 0  # the fusion trains
+    for k, v in fused.state_dict().items():
+        if k in frozen:
+            torch.testing.assert_close(v, frozen[k], rtol=0, atol=0)
+    with torch.no_grad():  # and now changes the output, through the decoder's last features
+        assert not torch.allclose(fused(lr_up, b["prior_lr"]), plain(lr_up, b["prior_lr"]))
+    cfg.stage2.fidelity = -1.0
+    with pytest.raises(ValueError, match="fidelity"):
+        build_stage2(cfg, s1)
+
+
 @pytest.mark.slow
 def test_stage2_learns():
     cfg = tiny_cfg()

@@ -62,10 +62,19 @@ class Decoder(nn.Module):
         self.norm_out = ChannelNorm(c)
         self.last_layer = nn.Conv2d(c, 1, 3, padding=1)
 
-    def forward(self, z_q: torch.Tensor) -> torch.Tensor:
+    @property
+    def out_channels(self) -> int:
+        """Width of the full-resolution features before ``last_layer``."""
+        return self.last_layer.in_channels
+
+    def forward(self, z_q: torch.Tensor, fuse=None) -> torch.Tensor:
+        """``fuse``: optional callable on the full-resolution features (B, C', H, W) before the
+        output conv (stage 2's fidelity fusion); None = Eq. 2 exactly."""
         if z_q.ndim != 4 or z_q.shape[1] != self.n_z:
             raise ValueError(f"decoder expects (B, {self.n_z}, h, w), got {tuple(z_q.shape)}")
         h = self.conv_in(z_q)  # (B, C, h, w)
         h = h + self.conv_after_body(self.stages(h))
         h = self.ups(h)  # (B, C', h*f, w*f)
+        if fuse is not None:
+            h = fuse(h)
         return self.last_layer(F.silu(self.norm_out(h)))  # (B, 1, h*f, w*f)

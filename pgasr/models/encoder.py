@@ -60,7 +60,9 @@ class Encoder(nn.Module):
         self.norm_out = ChannelNorm(c3)
         self.conv_out = nn.Conv2d(c3, n_z, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_skip: bool = False):
+        """(B, in_channels, H, W) -> z (B, n_z, H/f, W/f); with ``return_skip`` also the
+        full-resolution features after level 1, (B, channels[0], H, W) (fidelity fusion)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"encoder expects (B, {self.in_channels}, H, W) (image"
@@ -70,8 +72,12 @@ class Encoder(nn.Module):
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(f"H, W must be multiples of latent_factor {f}, got {tuple(x.shape)}")
         h = self.conv_in(x)  # (B, c0, H, W)
+        skip = None
         for i, level in enumerate(self.levels):
             h = level(h)
+            if i == 0:
+                skip = h  # (B, c0, H, W): before any downsampling
             if i < 3:
                 h = self.downs[i](h)  # halves H, W for the first log2(f) levels
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, n_z, H/f, W/f)
+        z = self.conv_out(F.silu(self.norm_out(h)))  # (B, n_z, H/f, W/f)
+        return (z, skip) if return_skip else z

@@ -26,6 +26,7 @@ from pgasr.models.config import ModelConfig
 from pgasr.models.decoder import Decoder
 from pgasr.models.discriminator import Discriminator
 from pgasr.models.encoder import Encoder
+from pgasr.models.fidelity import FidelityFusion
 from pgasr.models.quantizer import Quantizer, QuantizerOutput
 from pgasr.models.scab import SCAB
 
@@ -221,6 +222,9 @@ class Stage2Model(nn.Module):
         cfg: model config (must match the stage-1 model's architecture).
         quantizer, decoder, encoder_hat: stage-1 modules; they are frozen here.
         tau: temperature of the code probabilities.
+        fidelity: w of the fidelity fusion (beyond the paper, :mod:`pgasr.models.fidelity`);
+            0 = no fusion module, the paper's G(Z(SCAB(E(.)))).
+        fidelity_blocks: ResBlocks of the fusion's predictor.
     """
 
     FROZEN = ("quantizer", "decoder", "encoder_hat")
@@ -232,8 +236,12 @@ class Stage2Model(nn.Module):
         decoder: Decoder,
         encoder_hat: Encoder,
         tau: float = 1.0,
+        fidelity: float = 0.0,
+        fidelity_blocks: int = 2,
     ):
         super().__init__()
+        if fidelity < 0:
+            raise ValueError(f"stage2.fidelity must be >= 0, got {fidelity}")
         self.acg = cfg.acg
         self.latent_factor = cfg.latent_factor
         self.n_z = cfg.n_z
@@ -242,6 +250,11 @@ class Stage2Model(nn.Module):
         self.scab = (
             SCAB(cfg.n_z, cfg.num_heads, cfg.window_size, cfg.mlp_ratio, cfg.scab_mode)
             if cfg.scab
+            else None
+        )
+        self.fidelity = (
+            FidelityFusion(cfg.channels[0], decoder.out_channels, fidelity_blocks, fidelity)
+            if fidelity > 0
             else None
         )
         self.quantizer = freeze_(quantizer)
@@ -261,14 +274,23 @@ class Stage2Model(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ pieces
-    def _encode_members(self, lr_up, prior_lr, members: list[int]) -> torch.Tensor:
-        """E on the chosen triplet members. Returns (B, len(members), n_z, h, w)."""
+    def _encode_members(self, lr_up, prior_lr, members: list[int]):
+        """E on the chosen triplet members.
+
+        Returns:
+            z (B, len(members), n_z, h, w), and E's full-resolution features of the centre
+            member (B, channels[0], H, W) when the fidelity fusion is on (else None).
+        """
         b = lr_up.shape[0]
         imgs = lr_up[:, members].reshape(-1, 1, *lr_up.shape[-2:])  # (B*K, 1, H, W)
         pri = None if prior_lr is None else prior_lr[:, members].reshape(imgs.shape)
         x = pad_to_multiple(_input(imgs, pri, self.acg), self.latent_factor)
-        z = self.encoder(x)  # (B*K, n_z, h, w)
-        return z.reshape(b, len(members), *z.shape[1:])
+        if self.fidelity is None:
+            z, skip = self.encoder(x), None  # (B*K, n_z, h, w)
+        else:
+            z, skip = self.encoder(x, return_skip=True)  # skip: (B*K, c0, H, W)
+            skip = skip.reshape(b, len(members), *skip.shape[1:])[:, members.index(1)]
+        return z.reshape(b, len(members), *z.shape[1:]), skip
 
     def features(
         self, lr_up: torch.Tensor, prior_lr: torch.Tensor | None = None, neighbours: bool = False
@@ -286,14 +308,18 @@ class Stage2Model(nn.Module):
         Returns:
             (B, 3, n_z, h, w) with neighbours, else (B, 1, n_z, h, w).
         """
+        return self._features(lr_up, prior_lr, neighbours)[0]
+
+    def _features(self, lr_up, prior_lr, neighbours: bool):
+        """:meth:`features` and the centre's full-resolution E features (fidelity fusion)."""
         if lr_up.ndim != 4 or lr_up.shape[1] != 3:
             raise ValueError(f"stage 2 expects a (B, 3, H, W) slice triplet, got {tuple(lr_up.shape)}")
         if self.scab is None:
             members = [0, 1, 2] if neighbours else [1]
             return self._encode_members(lr_up, prior_lr, members)
-        z = self._encode_members(lr_up, prior_lr, [0, 1, 2])  # (B, 3, n_z, h, w)
+        z, skip = self._encode_members(lr_up, prior_lr, [0, 1, 2])  # (B, 3, n_z, h, w)
         if not neighbours:
-            return self.scab(z[:, 1], z[:, 0::2])[:, None]  # (B, 1, n_z, h, w)
+            return self.scab(z[:, 1], z[:, 0::2])[:, None], skip  # (B, 1, n_z, h, w)
         b = z.shape[0]
         queries = z.transpose(0, 1).reshape(3 * b, *z.shape[2:])  # (3B, n_z, h, w): t-1, t, t+1
         ctx = torch.cat(
@@ -304,7 +330,7 @@ class Stage2Model(nn.Module):
             ]
         )  # (3B, 2, n_z, h, w)
         out = self.scab(queries, ctx)  # (3B, n_z, h, w)
-        return out.reshape(3, b, *out.shape[1:]).transpose(0, 1)  # (B, 3, n_z, h, w)
+        return out.reshape(3, b, *out.shape[1:]).transpose(0, 1), skip  # (B, 3, n_z, h, w)
 
     @torch.no_grad()
     def hr_codes(self, hr: torch.Tensor, prior_hr: torch.Tensor | None = None) -> CodeOutput:
@@ -355,11 +381,12 @@ class Stage2Model(nn.Module):
             (B, 1, H, W) SR centre slice, or :class:`Stage2Output`.
         """
         size = lr_up.shape[-2:]
-        z = self.features(lr_up, prior_lr, neighbours and return_all)  # (B, K, n_z, h, w)
+        z, skip = self._features(lr_up, prior_lr, neighbours and return_all)  # (B, K, n_z, h, w)
         k = z.shape[1]
         z_t = z[:, k // 2]  # (B, n_z, h, w)
         quant = self.quantizer(z_t)
-        sr = self.decoder(quant.z_q)[..., : size[0], : size[1]]  # (B, 1, H, W)
+        fuse = None if self.fidelity is None else (lambda f_d: self.fidelity(f_d, skip))
+        sr = self.decoder(quant.z_q, fuse)[..., : size[0], : size[1]]  # (B, 1, H, W)
         if not return_all:
             return sr
         members = tuple(
@@ -403,6 +430,8 @@ def build_stage2(cfg, stage1_model: nn.Module) -> Stage2Model:
         copy.deepcopy(s1.decoder),
         copy.deepcopy(s1.encoder_hat),
         tau=cfg.stage2.tau,
+        fidelity=cfg.stage2.fidelity,
+        fidelity_blocks=cfg.stage2.fidelity_blocks,
     )
     if init == "stage1":  # E starts as a trainable copy of Ê (Ê itself stays frozen)
         model.encoder.load_state_dict(s1.encoder_hat.state_dict())
