@@ -38,6 +38,7 @@ import torch
 from pgasr import __version__
 from pgasr.data.ixi import read_nifti_file
 from pgasr.data.sources import bids_entities, nifti_stem
+from pgasr.volume import check_volume
 from pgasr.intensity import BACKGROUND_PERCENTILE
 from pgasr.metrics import head_mask, nanmean, psnr, ssim
 from pgasr.provenance import ForeignDirectoryError, Marker, atomic_write_text
@@ -179,16 +180,7 @@ class VolumeScore:
 def _read(path: Path, role: str) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     """(float32 (X, Y, Z) data, affine, voxel size in mm) of a NIfTI file."""
     img = read_nifti_file(path)
-    arr = np.asanyarray(img.dataobj)
-    if arr.ndim == 4 and arr.shape[3] == 1:
-        arr = arr[..., 0]
-    if arr.ndim != 3 or min(arr.shape) == 0:
-        raise ValueError(f"{role} {path}: expected a 3-D volume, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
-        raise ValueError(f"{role} {path}: unsupported voxel type {arr.dtype}")
-    arr = arr.astype(np.float32)
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{role} {path}: volume contains NaN or inf voxels")
+    arr = check_volume(img.dataobj, f"{role} {path}")
     zooms = tuple(round(float(z), 4) for z in img.header.get_zooms()[:3])
     return arr, np.asarray(img.affine, dtype=np.float64), zooms
 
