@@ -195,8 +195,15 @@ def run_pipeline(cfg, address=None, from_step: str = "prepare",
             timed(f"evaluate_x{s}", run_evaluate, _at_scale(cfg, s), address, None, s)
         import shutil
 
-        shutil.rmtree(out / "eval", ignore_errors=True)
-        shutil.copytree(out / f"eval_x{scale}", out / "eval")
+        from pgasr.provenance import EVAL_MARKER, replace_dir, temp_dir_for
+
+        # RUN_DIR/eval: a copy of the report's scale, replacing only an earlier copy (#17)
+        tmp = temp_dir_for(out / "eval")
+        try:
+            shutil.copytree(out / f"eval_x{scale}", tmp, dirs_exist_ok=True)
+            replace_dir(tmp, out / "eval", EVAL_MARKER)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     if "sr" in todo:
         hr_path, lr_path = _held_out_volume(cfg, scale, out)
         sr_path = out / lr_path.name.replace("_lr_", "_sr_")

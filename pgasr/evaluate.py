@@ -28,7 +28,7 @@ from pgasr.figures import histogram_figure, panel_figure
 from pgasr.inference import Predictor
 from pgasr.metrics import (activation_histogram, kl_divergence, load_lpips, lpips_distance,
                            nanmean, psnr, ssim, ssim_split)
-from pgasr.provenance import atomic_write_text
+from pgasr.provenance import EVAL_MARKER, atomic_write_text, check_replaceable
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,15 @@ def evaluate(
 ) -> dict:
     """Evaluate on a prepared split; returns the metrics dict also written to ``out_dir``.
 
+    ``out_dir`` must be absent, empty or an earlier evaluation (its ``metrics.json``): a
+    directory holding anything else raises :class:`pgasr.provenance.ForeignDirectoryError`.
+
     ``data_dir`` is a prepared directory (with prior columns when the priors step ran;
     otherwise priors are computed here with the checkpoint's backend).
     """
+    out_dir = Path(out_dir)
+    # writes into out_dir only when it is new, empty or an earlier evaluation (#17)
+    check_replaceable(out_dir, EVAL_MARKER)
     pred = checkpoint if isinstance(checkpoint, Predictor) else Predictor.from_checkpoint(checkpoint)
     pred._check_scale(scale)
     manifest = load_manifest(data_dir)
@@ -73,7 +79,6 @@ def evaluate(
     if have_priors:
         check_prior_meta(data_dir, pred)
     lp = load_lpips("alex")
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     subjects = sorted(set(rows[schema.SUBJECT].tolist()))

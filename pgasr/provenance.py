@@ -162,6 +162,7 @@ class Marker:
 PREPARED_MARKER = Marker("manifest.json", "fingerprint", "prepared data directory")
 PRIORS_MARKER = Marker("priors.json", "prior", "prior shards directory")
 CHECKPOINT_MARKER = Marker("meta.json", "format", "PGASR checkpoint", prefix="pgasr-checkpoint/")
+EVAL_MARKER = Marker("metrics.json", "summary", "evaluation directory")  # pgasr.evaluate
 
 
 def check_replaceable(out: str | Path, marker: Marker) -> None:

@@ -246,3 +246,21 @@ def test_predictor_back_projects_before_keeping_the_background(ckpt_dir):
                               for k in range(3)]))
 
     assert err(bp) < 0.5 * err(raw)
+
+
+def test_evaluate_never_writes_into_a_foreign_directory(prepared, ckpt_dir, tmp_path):
+    """`pgasr evaluate --out` on a folder holding the user's own files is refused, nothing is
+    written there; an earlier evaluation is rewritten (#17)."""
+    from pgasr.evaluate import evaluate
+    from pgasr.provenance import ForeignDirectoryError
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    with pytest.raises(ForeignDirectoryError, match="did not write"):
+        evaluate(ckpt_dir, prepared, 2, mine, max_slices_per_subject=1, n_figures=0)
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.txt"]
+    out = tmp_path / "eval"
+    evaluate(ckpt_dir, prepared, 2, out, max_slices_per_subject=1, n_figures=0)
+    evaluate(ckpt_dir, prepared, 2, out, max_slices_per_subject=1, n_figures=0)  # its own
+    assert (out / "metrics.json").is_file()
