@@ -156,9 +156,15 @@ def _to_numpy(col: pa.ChunkedArray) -> np.ndarray:
 def read_split(
     prepared_dir: str | Path, split: str, columns: list[str] | None = None
 ) -> dict[str, np.ndarray]:
-    """Read a whole split into memory as ``{column: ndarray}`` (small cohorts, evaluation)."""
+    """Read a whole split into memory as ``{column: ndarray}`` (small cohorts, evaluation).
+
+    Rows come sorted by (subject, slice) when both columns are read: the same arrays however
+    the shards were laid out (one process or Ray Data's ``write_parquet``), so a seeded
+    shuffle of them is reproducible."""
     tables = [pq.read_table(f, columns=columns) for f in split_files(prepared_dir, split)]
     table = pa.concat_tables(tables)
+    if schema.SUBJECT in table.column_names and schema.SLICE in table.column_names:
+        table = table.sort_by([(schema.SUBJECT, "ascending"), (schema.SLICE, "ascending")])
     return {name: _to_numpy(table.column(name)) for name in table.column_names}
 
 
