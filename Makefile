@@ -11,10 +11,11 @@ PYTEST_ARGS ?=
 CHROMIUM := /usr/bin/chromium
 CHROMEDRIVER := /usr/bin/chromedriver
 
-.PHONY: setup browser demo test test-fast bench clean-demo help
+.PHONY: setup browser demo serve-demo test test-fast bench clean-demo help
 
 help:
 	@echo "make demo       run the whole pipeline on the embedded synthetic cohort"
+	@echo "make serve-demo serve the model make demo trained on http://127.0.0.1:8000"
 	@echo "make test       the full CPU test suite (what CI runs)"
 	@echo "make test-fast  skip tests marked ray/slow"
 	@echo "make bench      paper Tables 1-3 on CPU -> benchmarks/results/bench + docs/results.md"
@@ -42,6 +43,13 @@ setup: $(STAMP) browser
 
 demo: $(STAMP)
 	$(PY) jobs/pipeline.py --config configs/demo.yaml
+
+# The model `make demo` leaves, over HTTP on 127.0.0.1:8000 (the web viewer at /). The API key
+# comes from PGASR_API_KEYS (comma-separated); nothing is served without one.
+serve-demo: $(STAMP)
+	@test -f runs/demo/stage2/model.pt || { echo "no demo model in runs/demo/stage2: run make demo first"; exit 2; }
+	@test -n "$$PGASR_API_KEYS" || { echo "set an API key first: export PGASR_API_KEYS=\$$(openssl rand -hex 16)"; exit 2; }
+	$(PY) -m serve.app --config configs/demo.yaml --set serve.checkpoint=runs/demo/stage2
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)

@@ -6,9 +6,10 @@ HR slice and of each bicubic-upsampled LR slice per scale (paper Sec. 2.1) on an
 model loaded once per actor), and writes the shards with ``prior_*`` columns added to
 ``<data.prepared_dir>_priors`` (:func:`pgasr.data.schema.priors_dir`).
 
-* Output rows keep the input order (``preserve_order``; the driver streams the ordered
-  blocks into ``{split}/part-NNNNN.parquet`` of ``data.rows_per_shard`` rows -- Ray's own
-  ``write_parquet`` does not keep row order inside a file, measured with Ray 2.60).
+* The rows are written by Ray Data itself (``write_parquet`` into ``{split}/``, at least
+  ``data.rows_per_shard`` rows per file): no row passes through the driver. Row order inside
+  and across files is Ray's (consumers sort or shuffle); each actor reports its cache counters
+  and skipped rows in a small JSON file that the driver sums into ``priors.json``.
 * The input is never modified; output is assembled in a temporary sibling directory and
   renamed into place, so a crashed run leaves the previous output intact.
 * Neighbouring triplet rows share slices: the content-keyed prior cache
@@ -44,21 +45,20 @@ from pgasr.provenance import (  # noqa: E402
 
 log = logging.getLogger("pgasr.jobs.priors")
 
-SPLIT_COL = "_split"  # shard folder of the row
-SKIP_COL = "_skip"  # "" or why the row was skipped
-STATS_COL = "_stats"  # JSON cache counters of the batch (first row of each batch)
+SPLIT_COL = "_split"  # shard folder of the row (the partition column of the write)
 PRIORS_META = "priors.json"
+REPORTS = ".reports"  # per-batch JSON reports of the actors, inside the temporary output
 
 
 class PriorActor:
     """Ray Data UDF: one prior backend (and cache) per actor, reused for every batch.
 
-    Output of a batch: its rows with prior columns, then one row per skipped input row
-    (zero priors, ``_skip`` = reason); ``_split`` from the shard's folder; ``_stats`` (JSON
-    cache counters of this batch) on the first row. The driver strips the ``_`` columns.
+    Output of a batch: its good rows with prior columns and ``_split`` (the shard's folder);
+    rows with NaN/inf slices are left out. The batch's cache counters, compute seconds and
+    skipped rows go to ``report_dir/<uuid>.json``.
     """
 
-    def __init__(self, prior_cfg: dict, scales: list[int], cpus: float = 1.0):
+    def __init__(self, prior_cfg: dict, scales: list[int], report_dir: str, cpus: float = 1.0):
         import torch
 
         from pgasr.priors import PriorConfig, cached_prior
@@ -70,36 +70,35 @@ class PriorActor:
         t0 = time.perf_counter()
         self.prior = cached_prior(PriorConfig(**prior_cfg))
         self.scales = list(scales)
+        self.report_dir = Path(report_dir)
         log.info("actor %d: %s prior ready in %.1fs", os.getpid(), self.prior.name,
                  time.perf_counter() - t0)
 
     def __call__(self, batch: dict):
+        import uuid
+
         import numpy as np
 
         from pgasr.priors.shards import add_prior_columns, to_arrow
+        from pgasr.provenance import atomic_write_text
 
-        # The split is the shard's folder.
-        batch[SPLIT_COL] = np.array([Path(str(p)).parent.name for p in batch.pop("path")],
-                                    dtype=object)
+        splits = np.array([Path(str(p)).parent.name for p in batch.pop("path")], dtype=object)
         before = self.prior.stats.as_dict()
         t0 = time.perf_counter()
         cols, skipped = add_prior_columns(batch, self.prior, self.scales)
         after = self.prior.stats.as_dict()
         stats = {k: after[k] - before[k] for k in after}
         stats["seconds"] = time.perf_counter() - t0
-        n = len(cols[schema.HR])
-        if skipped:
-            keys = [(str(a), int(b)) for a, b in zip(batch[schema.SUBJECT], batch[schema.SLICE])]
-            idx = [keys.index((s["subject"], s["slice"])) for s in skipped]
-            for s in skipped:
-                log.warning("skipped row %s", s)
-            for k, v in cols.items():
-                extra = (np.asarray(batch[k])[idx] if k in batch
-                         else np.zeros((len(idx), *v.shape[1:]), v.dtype))
-                cols[k] = np.concatenate([v, extra])
-        reasons = [""] * n + [s["reason"] for s in skipped]
-        cols[SKIP_COL] = np.array(reasons, dtype=object)
-        cols[STATS_COL] = np.array([json.dumps(stats)] + [""] * (len(reasons) - 1), dtype=object)
+        for s in skipped:
+            log.warning("skipped row %s", s)
+        bad = {(s["subject"], s["slice"]) for s in skipped}
+        keep = [i for i, key in enumerate(zip(batch[schema.SUBJECT], batch[schema.SLICE]))
+                if (str(key[0]), int(key[1])) not in bad]  # add_prior_columns' row order
+        cols[SPLIT_COL] = splits[keep]
+        atomic_write_text(self.report_dir / f"{uuid.uuid4().hex}.json",
+                          json.dumps({"stats": stats, "skipped": skipped,
+                                      "rows": {k: int((splits[keep] == k).sum())
+                                               for k in set(splits[keep].tolist())}}))
         return to_arrow(cols)
 
 
@@ -194,8 +193,6 @@ def run_priors(cfg, address: str | None = None, force: bool = False,
     check_replaceable(out, PRIORS_MARKER)
 
     ray = init_ray(address, cfg)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # blocks reach the driver in input order
     tmp = temp_dir_for(out)
     t0 = time.perf_counter()
     try:
@@ -204,17 +201,21 @@ def run_priors(cfg, address: str | None = None, force: bool = False,
         print(f"priors: backend={desc['backend']} ({desc.get('fallback_reason') or 'as configured'})"
               f" splits={rows_in} scales={scales} actors<= {cfg.resources.prior_actors} "
               f"gpus/actor={cfg.resources.gpus_per_prior_actor}", flush=True)
+        (tmp / REPORTS).mkdir()
         ds = ray.data.read_parquet(all_files, include_paths=True)
         ds = ds.map_batches(
             PriorActor,
-            fn_constructor_kwargs={"prior_cfg": prior_cfg, "scales": scales, "cpus": 1.0},
+            fn_constructor_kwargs={"prior_cfg": prior_cfg, "scales": scales,
+                                   "report_dir": str(tmp / REPORTS), "cpus": 1.0},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.resources.prior_actors)),
             num_cpus=1.0,
             num_gpus=cfg.resources.gpus_per_prior_actor or None,
             batch_size=max(1, cfg.prior.batch_rows),
             batch_format="numpy",
         )
-        summary = _write_shards(ds, tmp, rows_in, max(1, int(cfg.data.rows_per_shard)))
+        ds.write_parquet(str(tmp / ".rows"), partition_cols=[SPLIT_COL],
+                         min_rows_per_file=max(1, int(cfg.data.rows_per_shard)))
+        summary = _collect(tmp, rows_in)
         for name in (schema.MANIFEST, schema.CONFIG):
             if (prepared / name).is_file():
                 shutil.copy2(prepared / name, tmp / name)
@@ -232,73 +233,39 @@ def run_priors(cfg, address: str | None = None, force: bool = False,
     return summary
 
 
-def _write_shards(ds, root: Path, rows_in: dict[str, int], rows_per_shard: int) -> dict:
-    """Stream the ordered output blocks into ``root/{split}/part-NNNNN.parquet``.
-
-    Strips the helper columns, drops (and collects) skipped rows, sums the cache counters,
-    and logs progress. Returns the summary (rows, skipped rows, cache counters).
-    """
-    import pyarrow.compute as pc
+def _collect(tmp: Path, rows_in: dict[str, int]) -> dict:
+    """Move Ray's ``.rows/_split=<split>/`` folders to ``<split>/`` and sum the actors'
+    reports into the summary (rows, skipped rows, cache counters, files per split)."""
     import pyarrow.parquet as pq
 
-    writers: dict[str, pq.ParquetWriter] = {}
-    counts = {s: {"rows": 0, "in_file": 0, "files": 0} for s in rows_in}
+    for s in rows_in:
+        part = tmp / ".rows" / f"{SPLIT_COL}={s}"
+        if part.is_dir():
+            os.replace(part, tmp / s)
+        else:
+            (tmp / s).mkdir()
+    shutil.rmtree(tmp / ".rows", ignore_errors=True)
     skipped: list[dict] = []
     stats = {"requested": 0, "unique": 0, "hits": 0, "computed": 0}
-    busy, total, done, last_log = 0.0, sum(rows_in.values()), 0, time.perf_counter()
-
-    def write(split: str, table) -> None:
-        c = counts[split]
-        while table.num_rows:
-            if split not in writers or c["in_file"] >= rows_per_shard:
-                if split in writers:
-                    writers.pop(split).close()
-                path = root / split / f"part-{c['files']:05d}.parquet"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                writers[split] = pq.ParquetWriter(path, table.schema)
-                c["files"] += 1
-                c["in_file"] = 0
-            take = min(table.num_rows, rows_per_shard - c["in_file"])
-            writers[split].write_table(table.slice(0, take))
-            c["in_file"] += take
-            c["rows"] += take
-            table = table.slice(take)
-
-    try:
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for js in block.column(STATS_COL).to_pylist():
-                if js:
-                    d = json.loads(js)
-                    busy += d.pop("seconds", 0.0)
-                    for k in stats:
-                        stats[k] += int(d.get(k, 0))
-            skip = block.column(SKIP_COL)
-            bad = block.filter(pc.not_equal(skip, ""))
-            for sub, sl, why in zip(bad.column(schema.SUBJECT).to_pylist(),
-                                    bad.column(schema.SLICE).to_pylist(),
-                                    bad.column(SKIP_COL).to_pylist()):
-                skipped.append({"subject": sub, "slice": sl, "reason": why})
-            good = block.filter(pc.equal(skip, ""))
-            splits = good.column(SPLIT_COL)
-            data = good.drop_columns([SPLIT_COL, SKIP_COL, STATS_COL])
-            for split in pc.unique(splits).to_pylist():  # usually one per block
-                write(split, data.filter(pc.equal(splits, split)))
-            done += block.num_rows
-            if time.perf_counter() - last_log > 10 or done == total:
-                last_log = time.perf_counter()
-                log.info("priors: %d/%d rows, %d slice priors computed, %d cache hits",
-                         done, total, stats["computed"], stats["hits"])
-    finally:
-        for w in writers.values():
-            w.close()
-    rows_out = {s: c["rows"] for s, c in counts.items()}
+    busy = 0.0
+    for f in sorted((tmp / REPORTS).glob("*.json")):
+        rep = json.loads(f.read_text())
+        busy += rep["stats"].pop("seconds", 0.0)
+        for k in stats:
+            stats[k] += int(rep["stats"].get(k, 0))
+        skipped += rep["skipped"]
+    shutil.rmtree(tmp / REPORTS, ignore_errors=True)
+    skipped.sort(key=lambda r: (str(r.get("subject")), int(r.get("slice", -1))))
+    files = {s: sorted((tmp / s).glob("*.parquet")) for s in rows_in}
+    rows_out = {s: sum(pq.ParquetFile(f).metadata.num_rows for f in fs) for s, fs in files.items()}
     for s, n in rows_out.items():
-        (root / s).mkdir(parents=True, exist_ok=True)
         if n == 0:
             log.warning("split %s: no rows left after skipping corrupt slices", s)
+    log.info("priors: %d rows in, %d out, %d slice priors computed, %d cache hits",
+             sum(rows_in.values()), sum(rows_out.values()), stats["computed"], stats["hits"])
     return {"rows_in": rows_in, "rows_out": rows_out, "skipped": skipped,
             "skipped_count": len(skipped), "cache": stats,
-            "files": {s: c["files"] for s, c in counts.items()},
+            "files": {s: len(fs) for s, fs in files.items()},
             "actors": {"busy_seconds": busy}}
 
 

@@ -1013,10 +1013,24 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("binding %s:%d: anything that can reach this address can call the API "
                     "(an API key is still required); put TLS in front", s.host, s.port)
     ray.init(address=a.address)
+    need, have = replica_memory_bytes(s), float(ray.cluster_resources().get("memory", 0.0))
+    if need > have:  # Serve would wait for such a replica forever, logging only warnings
+        print(f"serve.app: error: a replica reserves {need / 2**30:.1f} GiB of Ray memory (from "
+              f"the serve.* caps: max_body_bytes x max_ongoing_requests, max_voxels, "
+              f"max_output_voxels, max_slice_pixels; docs/serve.md) but this cluster has "
+              f"{have / 2**30:.1f} GiB: lower the caps or set serve.memory_per_replica",
+              file=sys.stderr)
+        ray.shutdown()
+        return 2
     serve.start(http_options=http_options(s))
     serve.run(app, name="pgasr", route_prefix="/", blocking=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the importable module, not __main__: Ray pickles __main__'s classes by value,
+    # without the names only their annotations use, so FastAPI in the replica could not
+    # resolve ``request: Request`` and took it for a query parameter (every /v1 call a 422).
+    from serve.app import main as _main
+
+    sys.exit(_main())

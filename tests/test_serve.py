@@ -21,6 +21,7 @@ import random
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -43,6 +44,10 @@ from serve import app as A  # noqa: E402
 from serve import decoding as D  # noqa: E402
 from serve_fixtures import make_tiny_checkpoint, synthetic_volume  # noqa: E402
 from viewer_browser import chromium, missing_browser, run_viewer  # noqa: E402
+
+# pytest -n (xdist): every test of this file on one worker
+# (one Serve instance on port 8400 per cluster)
+pytestmark = pytest.mark.xdist_group("serve")
 
 PORT = 8400
 URL = f"http://127.0.0.1:{PORT}"
@@ -1415,3 +1420,52 @@ def test_one_replica_serves_a_checkpoint_per_scale(tmp_path, key_file):
         asyncio.run(run())
     finally:
         svc.close()
+
+
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_python_m_serve_app_serves_and_refuses_caps_the_cluster_cannot_hold(ckpt, tmp_path):
+    """`python -m serve.app` (README, `make serve-demo`) in its own process and cluster: caps
+    whose memory reservation the cluster cannot hold are a one-line exit 2 instead of a replica
+    that waits forever; then a /v1/sr round trip answers 200 (it was a 422 for every call when
+    the app ran from __main__: the replica could not resolve FastAPI's Request annotation)."""
+    port = _unused_port()
+    env = {**os.environ, "PGASR_API_KEYS": KEY, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    base = [sys.executable, "-m", "serve.app", "--config", str(ROOT / "configs" / "tiny.yaml"),
+            "--set", f"serve.checkpoint={ckpt}", "--set", f"serve.port={port}"]
+    r = subprocess.run([*base, "--set", "serve.memory_per_replica=10000000000000"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "lower the caps or set serve.memory_per_replica" in r.stderr
+    proc = subprocess.Popen([*base, "--set", "serve.memory_per_replica=1500000000"], cwd=ROOT,
+                            env=env, stdout=open(tmp_path / "serve.log", "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        r = httpx.post(f"{url}/v1/sr?scale=2", content=GZ, timeout=120,
+                       headers={**H, "Content-Type": "application/octet-stream"})
+        assert r.status_code == 200, r.text
+        assert nib.Nifti1Image.from_bytes(gzip.decompress(r.content)).shape[:2] == (32, 24)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the process group this test started
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -27,6 +27,10 @@ sys.path.insert(0, str(ROOT))
 from pgasr.config import load_config  # noqa: E402
 from tune import sweep  # noqa: E402
 
+# pytest -n (xdist): every test of this file on one worker
+# (the sweep fixture runs once, for all its tests)
+pytestmark = pytest.mark.xdist_group("tune")
+
 CONFIG = ROOT / "configs" / "tune_tiny.yaml"
 
 
