@@ -993,11 +993,14 @@ def http_options(s: ServeConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m serve.app --config configs/tiny.yaml --set serve.checkpoint=...``:
-    start (or join) Ray, bind Serve's proxy to ``serve.host:serve.port`` and run the app."""
+    start a local Ray cluster (or join the one ``--address`` / ``RAY_ADDRESS`` names), bind
+    Serve's proxy to ``serve.host:serve.port`` and run the app."""
     p = argparse.ArgumentParser(prog="python -m serve.app", description=__doc__.split("\n")[0])
     p.add_argument("--config", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--address", default=None, help="Ray address (default: local / RAY_ADDRESS)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (auto: the one `ray start` recorded; default: "
+                        "RAY_ADDRESS, else a new local cluster)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -1012,7 +1015,13 @@ def main(argv: list[str] | None = None) -> int:
     if s.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s:%d: anything that can reach this address can call the API "
                     "(an API key is still required); put TLS in front", s.host, s.port)
-    ray.init(address=a.address)
+    from jobs.common import RayConnectionError, init_ray
+
+    try:  # the jobs' policy: join only what --address / RAY_ADDRESS names, say which
+        init_ray(a.address, load_serve_config(args))
+    except RayConnectionError as e:
+        print(f"serve.app: error: {e}", file=sys.stderr)
+        return 2
     need, have = replica_memory_bytes(s), float(ray.cluster_resources().get("memory", 0.0))
     if need > have:  # Serve would wait for such a replica forever, logging only warnings
         print(f"serve.app: error: a replica reserves {need / 2**30:.1f} GiB of Ray memory (from "

@@ -42,9 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from procutil import session_pids as _session_pids  # noqa: E402,F401
 from procutil import stop_session as _stop_session  # noqa: E402
 
-# pytest -n (xdist): every test of this file on one worker
-# (the fake autoscaling cluster on fixed ports)
-pytestmark = pytest.mark.xdist_group("cluster")
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"

@@ -45,9 +45,6 @@ from serve import decoding as D  # noqa: E402
 from serve_fixtures import make_tiny_checkpoint, synthetic_volume  # noqa: E402
 from viewer_browser import chromium, missing_browser, run_viewer  # noqa: E402
 
-# pytest -n (xdist): every test of this file on one worker
-# (one Serve instance on port 8400 per cluster)
-pytestmark = pytest.mark.xdist_group("serve")
 
 PORT = 8400
 URL = f"http://127.0.0.1:{PORT}"

@@ -27,9 +27,6 @@ sys.path.insert(0, str(ROOT))
 from pgasr.config import load_config  # noqa: E402
 from tune import sweep  # noqa: E402
 
-# pytest -n (xdist): every test of this file on one worker
-# (the sweep fixture runs once, for all its tests)
-pytestmark = pytest.mark.xdist_group("tune")
 
 CONFIG = ROOT / "configs" / "tune_tiny.yaml"
 
@@ -224,7 +221,7 @@ def test_best_checkpoint_serves_sr(tiny_sweep, tmp_path):
     nib.save(nib.Nifti1Image(vol, np.diag([2.0, 2.0, 3.0, 1.0])), lr)
     out = tmp_path / "sr.nii.gz"
     assert pgasr_main(["sr", "--checkpoint", str(best_dir), "--scale", "2", "--input", str(lr),
-                       "--output", str(out), "--quiet"]) == 0
+                       "--output", str(out), "--quiet", "--no-resample"]) == 0
     assert nib.load(out).shape == (48, 40, 3)
 
     from serve.app import load_serve_config

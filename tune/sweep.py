@@ -659,7 +659,7 @@ def _evaluate_trial(checkpoint_path: str, data_dir: str, scale: int, out_dir: st
             return prev
     with tempfile.TemporaryDirectory(prefix="pgasr-eval-") as tmp:
         local = ray.train.Checkpoint(checkpoint_path).to_directory(str(Path(tmp) / "ckpt"))
-        res = evaluate(local, data_dir, scale, out, split="val", n_figures=0)
+        res = evaluate(local, data_dir, scale, out / "eval", split="val", n_figures=0)
     s = res["summary"]
     rec = {"checkpoint_path": checkpoint_path, "eval_psnr": s["psnr"]["mean"],
            "eval_ssim": s["ssim"]["mean"], "eval_lpips": s["lpips"]["mean"],
