@@ -1,5 +1,6 @@
-"""Failure recovery of the Ray Train jobs: a worker killed mid-run, and a killed driver whose
-job is resubmitted, both resume from the latest checkpoint (the step counter continues)."""
+"""Ray Train jobs on 2 DDP workers and their failure recovery: a worker killed mid-run, and a
+killed driver whose job is resubmitted, both resume from the latest checkpoint (the step
+counter continues); stage 2 trains on the resumed stage 1."""
 
 import os
 import signal
@@ -41,7 +42,12 @@ def _train_worker_pids() -> list[int]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_worker_killed_mid_run_resumes(ray_session, tmp_path):
+def test_two_worker_ddp_worker_killed_mid_run_resumes_then_stage2(ray_session, tmp_path):
+    """Stage 1 on 2 DDP workers loses a worker after its first checkpoint and resumes from it
+    (the step counter continues); stage 2 then trains on 2 workers from that stage 1. One
+    test for both: a Train run on this machine costs a minute."""
+    import json
+
     from jobs.train_stage import run_stage
 
     cfg = tiny_cfg(tmp_path, f"stage1.epochs={EPOCHS}", "resources.max_failures=2")
@@ -71,6 +77,13 @@ def test_worker_killed_mid_run_resumes(ray_session, tmp_path):
     steps_per_epoch = ck.meta["step"] // EPOCHS
     assert ck.meta["step"] == steps_per_epoch * EPOCHS
     assert ck.meta["metrics"]["val_psnr"] > 0
+    assert ck.stage == 1 and ck.train_state["step"] == ck.meta["step"]
+
+    s2 = run_stage(2, cfg)
+    ck2 = load_checkpoint(s2)
+    assert ck2.stage == 2 and ck2.meta["stage1_checkpoint"].endswith("stage1")
+    summary = json.loads((Path(cfg.run_dir) / "stage2.json").read_text())
+    assert summary["metrics"]["val_psnr"] > 0
 
 
 @pytest.mark.ray
