@@ -1,10 +1,10 @@
 """Prepare the dataset on the cluster: ``python jobs/prepare.py --config configs/tiny.yaml``.
 
 Runs :func:`pgasr.data.prepare.prepare` with a distributed ingest: the driver lists the
-source (names only), splits the subjects and checks the output path; then, per split, Ray Data
-runs :func:`pgasr.data.prepare.ingest_volume` as one task per volume
-(``resources.prepare_cpus`` CPUs each) and writes the rows with ``write_parquet``
-(``data.rows_per_shard`` rows per file) -- no row passes through the driver. Each task writes
+source (names only), splits the subjects and checks the output path; then Ray Data runs
+:func:`pgasr.data.prepare.ingest_volume` as one task per volume (``resources.prepare_cpus``
+CPUs each) and writes the rows with ``write_parquet`` (partitioned by split, at least
+``data.rows_per_shard`` rows per file) -- no row passes through the driver. Each task writes
 its volumes' manifest entries (and a test volume's exported NIfTIs) into the temporary
 prepared directory, which the driver turns into ``manifest.json`` and renames into place as
 the local path does. A ``.tar`` source is a stream, not a set of files a task can open: it
@@ -15,6 +15,8 @@ the head node in a single-node cluster).
 """
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from jobs.common import init_ray, job_parser, load, run_job  # noqa: E402
 
 META_DIR = ".ingest"  # per-volume manifest entries, inside the temporary prepared dir
+SPLIT_COL = "_split"  # the rows' split: the partition column of the write
 
 
 def _ingest_batch(batch: dict, cfg, tmp: str) -> "pyarrow.Table":  # noqa: F821
@@ -46,10 +49,11 @@ def _ingest_batch(batch: dict, cfg, tmp: str) -> "pyarrow.Table":  # noqa: F821
                   "rows": sum(len(r[schema.SUBJECT]) for r, _ in variants)}
         atomic_write_text(Path(tmp) / META_DIR / f"{src.volume}.json", json.dumps(record))
         for rows, _ in variants:
-            tables.append(pa.table({
+            t = pa.table({
                 k: (pa.array(v, pa.string()) if k == schema.SUBJECT
                     else pa.array(np.asarray(v), pa.int32()) if k == schema.SLICE
-                    else _tensor_column(v)) for k, v in rows.items()}))
+                    else _tensor_column(v)) for k, v in rows.items()})
+            tables.append(t.append_column(SPLIT_COL, pa.array([str(batch["split"][i])] * len(t))))
     if not tables:
         return pa.table({})
     return pa.concat_tables(tables)
@@ -70,19 +74,23 @@ def make_ray_ingest(cpus: float = 1.0):
             task = ray.remote(num_cpus=cpus)(ingest_local)
             return ray.get(task.remote(cfg, source, split_of, tmp, False, total))
         skipped = [{"file": s.name, "reason": "duplicate volume"} for s, w in listed if w is None]
+        items = [{"subject": s.subject, "volume": s.volume, "name": s.name, "origin": s.origin,
+                  "contrast": s.contrast, "path": str(s._path), "split": w}
+                 for s, w in listed if w is not None]
+        if items:  # every volume of every split in one pipeline: as many tasks as CPUs allow
+            ds = ray.data.from_items(items, override_num_blocks=len(items))
+            ds = ds.map_batches(_ingest_batch, batch_size=1, batch_format="numpy",
+                                fn_kwargs={"cfg": cfg, "tmp": str(tmp)}, num_cpus=cpus)
+            ds.write_parquet(str(Path(tmp) / ".rows"), partition_cols=[SPLIT_COL],
+                             min_rows_per_file=cfg.data.rows_per_shard)
         rows, shards = {}, {}
         for split in schema.SPLITS:
-            items = [{"subject": s.subject, "volume": s.volume, "name": s.name, "origin": s.origin,
-                      "contrast": s.contrast, "path": str(s._path), "split": split}
-                     for s, w in listed if w == split]
-            out = Path(tmp) / split
+            out, part = Path(tmp) / split, Path(tmp) / ".rows" / f"{SPLIT_COL}={split}"
+            if part.is_dir():
+                os.replace(part, out)
             out.mkdir(parents=True, exist_ok=True)
-            if items:
-                ds = ray.data.from_items(items, override_num_blocks=len(items))
-                ds = ds.map_batches(_ingest_batch, batch_size=1, batch_format="numpy",
-                                    fn_kwargs={"cfg": cfg, "tmp": str(tmp)}, num_cpus=cpus)
-                ds.write_parquet(str(out), min_rows_per_file=cfg.data.rows_per_shard)
             shards[split] = len(list(out.glob("*.parquet")))
+        shutil.rmtree(Path(tmp) / ".rows", ignore_errors=True)
         subjects: dict = {}
         for f in sorted((Path(tmp) / META_DIR).glob("*.json")):
             rec = json.loads(f.read_text())
@@ -92,8 +100,6 @@ def make_ray_ingest(cpus: float = 1.0):
             split = next(iter(rec["subjects"].values()))["split"] if rec["subjects"] else None
             if split:
                 rows[split] = rows.get(split, 0) + rec["rows"]
-        import shutil
-
         shutil.rmtree(Path(tmp) / META_DIR, ignore_errors=True)
         return IngestResult(subjects, skipped, {s: rows.get(s, 0) for s in schema.SPLITS},
                             shards)
