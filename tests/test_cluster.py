@@ -835,8 +835,13 @@ def test_autoscaler_adds_and_removes_workers(fake_cluster, record_property):
     # the configured bound.
     max_workers = yaml.safe_load((CLUSTER / "fake_local.yaml").read_text())["max_workers"]
     assert 4 <= result["nodes_peak"] <= 1 + max_workers, (result, story())
-    assert sorted((w["kind"], w["role"]) for w in result["work"]) == [
-        ("actor", "gpu"), ("actor", "gpu"), ("task", "data")], (result, story())
+    # The GPU actors can only run on gpu nodes; the 2-CPU task asks for CPUs only, so Ray may
+    # place it on any worker with 2 free CPUs: a cpu_data node, or the spare gpu node of the
+    # over-launch above (seen once in three suite runs).
+    work = sorted((w["kind"], w["role"]) for w in result["work"])
+    assert work[:2] == [("actor", "gpu"), ("actor", "gpu")], (result, story())
+    assert work[2][0] == "task" and (work[2][1] == "data" or result["nodes_peak"] == 5), \
+        (result, story())
     actor_nodes = {w["node_id"] for w in result["work"] if w["kind"] == "actor"}
     assert len(actor_nodes) == 2 and head_id not in {w["node_id"] for w in result["work"]}
 
