@@ -287,6 +287,25 @@ def test_stage2_fidelity_fusion_starts_at_the_paper_model_and_learns_only_itself
         build_stage2(cfg, s1)
 
 
+def test_stage2_residual_head_starts_at_the_paper_model_and_trains():
+    cfg = tiny_cfg()
+    s1, plain = _stage2(cfg)
+    cfg.stage2.residual_head = True
+    res = build_stage2(cfg, s1).train()
+    res.encoder.load_state_dict(plain.encoder.state_dict())
+    res.scab.load_state_dict(plain.scab.state_dict())
+    b = s2_batch()
+    lr_up = upsample_lr(b["lr"], b["hr"].shape[-2:])
+    with torch.no_grad():  # zero-initialised output conv: exactly G(Z(SCAB(E(.))))
+        torch.testing.assert_close(res(lr_up, b["prior_lr"]), plain(lr_up, b["prior_lr"]))
+    opt = make_stage2_optimizer(cfg, res)
+    for _ in range(3):
+        stage2_update(res, opt, b, cfg)
+    assert float(res.residual_head[-1].weight.detach().abs().sum()) > 0
+    with torch.no_grad():
+        assert not torch.allclose(res(lr_up, b["prior_lr"]), plain(lr_up, b["prior_lr"]))
+
+
 @pytest.mark.slow
 def test_stage2_learns():
     cfg = tiny_cfg()

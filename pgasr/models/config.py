@@ -106,6 +106,9 @@ class Stage2Config:
     # with G frozen; 0 = off (the paper's G(Z(E(.))) exactly). fidelity_blocks: its ResBlocks.
     fidelity: float = 0.0
     fidelity_blocks: int = 2
+    # Beyond the paper: an image residual from E's full-resolution features added to G's output
+    # (a CNN path around the codebook, zero-initialised; fidelity_blocks ResBlocks).
+    residual_head: bool = False
     scale: int = 2
     # Scales the pipeline trains a stage 2 for, on one shared stage 1 (paper: [2, 4]); empty =
     # [scale]. The x2 model is exported as RUN_DIR/stage2, any other as RUN_DIR/stage2_x{s}.

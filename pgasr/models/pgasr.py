@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pgasr.models.blocks import pad_to_multiple, set_padding
+from pgasr.models.blocks import ResBlock, pad_to_multiple, set_padding
 from pgasr.models.config import ModelConfig
 from pgasr.models.decoder import Decoder
 from pgasr.models.discriminator import Discriminator
@@ -238,6 +238,7 @@ class Stage2Model(nn.Module):
         tau: float = 1.0,
         fidelity: float = 0.0,
         fidelity_blocks: int = 2,
+        residual_head: bool = False,
     ):
         super().__init__()
         if fidelity < 0:
@@ -257,6 +258,17 @@ class Stage2Model(nn.Module):
             if fidelity > 0
             else None
         )
+        # beyond the paper (stage2.residual_head): a small CNN on E's full-resolution features
+        # adding an image residual to G's output; zero-initialised output conv
+        self.residual_head = (
+            nn.Sequential(*[ResBlock(cfg.channels[0], cfg.channels[0])
+                            for _ in range(max(fidelity_blocks, 1))],
+                          nn.SiLU(), nn.Conv2d(cfg.channels[0], 1, 3, padding=1))
+            if residual_head else None
+        )
+        if self.residual_head is not None:
+            nn.init.zeros_(self.residual_head[-1].weight)
+            nn.init.zeros_(self.residual_head[-1].bias)
         self.quantizer = freeze_(quantizer)
         self.decoder = freeze_(decoder)
         self.encoder_hat = freeze_(encoder_hat)
@@ -285,7 +297,7 @@ class Stage2Model(nn.Module):
         imgs = lr_up[:, members].reshape(-1, 1, *lr_up.shape[-2:])  # (B*K, 1, H, W)
         pri = None if prior_lr is None else prior_lr[:, members].reshape(imgs.shape)
         x = pad_to_multiple(_input(imgs, pri, self.acg), self.latent_factor)
-        if self.fidelity is None:
+        if self.fidelity is None and self.residual_head is None:
             z, skip = self.encoder(x), None  # (B*K, n_z, h, w)
         else:
             z, skip = self.encoder(x, return_skip=True)  # skip: (B*K, c0, H, W)
@@ -386,7 +398,10 @@ class Stage2Model(nn.Module):
         z_t = z[:, k // 2]  # (B, n_z, h, w)
         quant = self.quantizer(z_t)
         fuse = None if self.fidelity is None else (lambda f_d: self.fidelity(f_d, skip))
-        sr = self.decoder(quant.z_q, fuse)[..., : size[0], : size[1]]  # (B, 1, H, W)
+        sr = self.decoder(quant.z_q, fuse)  # (B, 1, H', W') padded
+        if self.residual_head is not None:
+            sr = sr + self.residual_head(skip)
+        sr = sr[..., : size[0], : size[1]]  # (B, 1, H, W)
         if not return_all:
             return sr
         members = tuple(
@@ -432,6 +447,7 @@ def build_stage2(cfg, stage1_model: nn.Module) -> Stage2Model:
         tau=cfg.stage2.tau,
         fidelity=cfg.stage2.fidelity,
         fidelity_blocks=cfg.stage2.fidelity_blocks,
+        residual_head=cfg.stage2.residual_head,
     )
     if init == "stage1":  # E starts as a trainable copy of Ê (Ê itself stays frozen)
         model.encoder.load_state_dict(s1.encoder_hat.state_dict())
