@@ -224,7 +224,10 @@ class Stage2Model(nn.Module):
         tau: temperature of the code probabilities.
         fidelity: w of the fidelity fusion (beyond the paper, :mod:`pgasr.models.fidelity`);
             0 = no fusion module, the paper's G(Z(SCAB(E(.)))).
-        fidelity_blocks: ResBlocks of the fusion's predictor.
+        fidelity_blocks: ResBlocks of the fusion's predictor (and of the residual head).
+        residual_head: add an image residual computed from E's full-resolution features to
+            G's output (beyond the paper; zero-initialised, so training starts at the paper's
+            model).
     """
 
     FROZEN = ("quantizer", "decoder", "encoder_hat")
