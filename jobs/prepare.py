@@ -31,11 +31,10 @@ SPLIT_COL = "_split"  # the rows' split: the partition column of the write
 def _ingest_batch(batch: dict, cfg, tmp: str) -> "pyarrow.Table":  # noqa: F821
     """One volume (a batch of one item) -> its rows as an Arrow table; its manifest entries
     (or its skip record) are written to ``tmp/.ingest/<volume>.json``."""
-    import numpy as np
     import pyarrow as pa
 
     from pgasr.data import schema
-    from pgasr.data.prepare import _tensor_column, ingest_volume
+    from pgasr.data.prepare import ingest_volume, rows_table
     from pgasr.data.sources import VolumeSource
     from pgasr.provenance import atomic_write_text
 
@@ -49,10 +48,7 @@ def _ingest_batch(batch: dict, cfg, tmp: str) -> "pyarrow.Table":  # noqa: F821
                   "rows": sum(len(r[schema.SUBJECT]) for r, _ in variants)}
         atomic_write_text(Path(tmp) / META_DIR / f"{src.volume}.json", json.dumps(record))
         for rows, _ in variants:
-            t = pa.table({
-                k: (pa.array(v, pa.string()) if k == schema.SUBJECT
-                    else pa.array(np.asarray(v), pa.int32()) if k == schema.SLICE
-                    else _tensor_column(v)) for k, v in rows.items()})
+            t = rows_table(rows)
             tables.append(t.append_column(SPLIT_COL, pa.array([str(batch["split"][i])] * len(t))))
     if not tables:
         return pa.table({})

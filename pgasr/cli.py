@@ -71,10 +71,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         cfg.data.source = args.source
     if args.out:
         cfg.data.prepared_dir = args.out
-    for arg, key in (("source_format", "source_format"), ("contrast", "contrast"),
-                     ("bids_suffix", "bids_suffix"), ("voxel_size", "voxel_size")):
-        if getattr(args, arg) is not None:
-            setattr(cfg.data, key, getattr(args, arg))
+    for key in ("source_format", "contrast", "bids_suffix", "voxel_size"):  # --flag = data.key
+        if getattr(args, key) is not None:
+            setattr(cfg.data, key, getattr(args, key))
     from pgasr.config import validate
 
     validate(cfg, "pgasr prepare")

@@ -210,16 +210,14 @@ class Predictor:
     def check_spacing(self, img: nib.Nifti1Image, scale: int) -> str | None:
         """A warning when the input's in-plane voxel size is far (> 25 %) from the LR voxel
         size the model was trained on (its HR voxel size x ``scale``); None otherwise."""
-        hr = self.ckpt.meta.get("voxel_size")
-        if not hr:
+        want = self.lr_voxel_size(scale)
+        if want is None:
             return None
-        want = float(hr[0]) * scale
-        zooms = np.linalg.norm(np.asarray(img.affine, dtype=np.float64)[:3, :2], axis=0)
-        got = float(np.mean(zooms))
+        got = float(np.mean(inplane_voxel_size(img.affine)))
         if not np.isfinite(got) or abs(got / want - 1) <= 0.25:
             return None
         return (f"input in-plane voxel size {got:.2f} mm differs from the {want:.2f} mm LR voxels "
-                f"this model was trained on (HR {float(hr[0]):.2f} mm x{scale}): anatomy appears "
+                f"this model was trained on (HR {want / scale:.2f} mm x{scale}): anatomy appears "
                 f"at another scale than in training; resample the volume to {want:.2f} mm for "
                 "the intended result")
 

@@ -23,7 +23,7 @@ import nibabel as nib
 
 from pgasr import __version__
 from pgasr.dicom import is_dicom_dir, read_dicom_series, series_digest
-from pgasr.data.sources import detect_format, iter_sources, nifti_stem
+from pgasr.data.sources import bids_suffix_for, detect_format, iter_sources, nifti_stem
 from pgasr.provenance import atomic_write_text, sha256_file
 
 __all__ = ["SRJob", "checkpoint_digest", "derivative_name", "input_digest", "plan_jobs",
@@ -87,7 +87,7 @@ def plan_jobs(inp: str | Path, output: str | Path | None, scale: int, *,
         jobs = [SRJob(src, Path(output))]
     elif detect_format(src) == "bids":
         deriv = Path(output) if output else src / "derivatives" / "pgasr"
-        suffix = bids_suffix or (contrast if contrast.upper() == "FLAIR" else f"{contrast}w")
+        suffix = bids_suffix_for(contrast, bids_suffix)
         jobs = []
         for s in iter_sources(src, "bids", contrast, bids_suffix, read=False):
             rel = s._path.relative_to(src).parent  # sub-X/[ses-Y/]anat

@@ -28,7 +28,7 @@ from pgasr.config import RunConfig, config_to_dict, dump_config
 from pgasr.data import schema
 from pgasr.data.augment import augment_rng, augment_volume, copy_name
 from pgasr.data.ixi import canonical, image_to_bytes, load_nifti_bytes, sha256_bytes
-from pgasr.data.sources import detect_format, iter_sources, list_sources
+from pgasr.data.sources import bids_suffix_for, detect_format, iter_sources, list_sources
 from pgasr.intensity import CONTRACT, intensity_stats
 from pgasr.volume import (
     degrade_slices, inplane_voxel_size, resample_inplane, rescale_affine, volume_image,
@@ -164,6 +164,17 @@ def _tensor_column(arr: np.ndarray) -> pa.Array:
     return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(arr))
 
 
+def rows_table(rows: dict) -> pa.Table:
+    """Triplet rows (``{column: values}``) as the Arrow table of a prepared shard: subject
+    strings, int32 slice indices, every array column a fixed-shape tensor column."""
+    return pa.table({
+        k: (pa.array(v, pa.string()) if k == schema.SUBJECT
+            else pa.array(np.asarray(v), pa.int32()) if k == schema.SLICE
+            else _tensor_column(v))
+        for k, v in rows.items()
+    })
+
+
 class _ShardWriter:
     """Buffers triplet rows of one split and flushes fixed-size Parquet files."""
 
@@ -194,13 +205,7 @@ class _ShardWriter:
             else:
                 allv = np.concatenate(parts) if len(parts) > 1 else parts[0]
                 cols[k], rest[k] = allv[:n], [allv[n:]]
-        table = pa.table({
-            k: (pa.array(v, pa.string()) if k == schema.SUBJECT
-                else pa.array(v, pa.int32()) if k == schema.SLICE
-                else _tensor_column(v))
-            for k, v in cols.items()
-        })
-        pq.write_table(table, self.out / f"part-{self.n_files:05d}.parquet")
+        pq.write_table(rows_table(cols), self.out / f"part-{self.n_files:05d}.parquet")
         self.n_files += 1
         self.n_rows += n
         self.buf = rest
@@ -301,7 +306,7 @@ def prepare(
         what = {"ixi": f"IXI {cfg.data.contrast} files (IXI<id>-<site>-<num>-{cfg.data.contrast}"
                        ".nii[.gz])",
                 "bids": f"BIDS anat files with suffix "
-                        f"'{cfg.data.bids_suffix or cfg.data.contrast + 'w'}' "
+                        f"'{bids_suffix_for(cfg.data.contrast, cfg.data.bids_suffix)}' "
                         "(sub-*/[ses-*/]anat/*.nii[.gz]; set data.bids_suffix / --contrast)",
                 }.get(fmt, ".nii/.nii.gz files")
         raise ValueError(f"no {what} found in {source} (read as '{fmt}')")

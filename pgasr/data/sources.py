@@ -28,7 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["FORMATS", "VolumeSource", "bids_entities", "detect_format", "iter_sources",
+__all__ = ["FORMATS", "VolumeSource", "bids_entities", "bids_suffix_for", "detect_format",
+           "iter_sources",
            "list_sources", "nifti_stem"]
 
 FORMATS = ("auto", "ixi", "bids", "list", "glob", "nifti")
@@ -81,7 +82,9 @@ def _is_nifti(p: Path) -> bool:
     return p.is_file() and p.name.endswith(_NIFTI) and not p.name.startswith(".")
 
 
-def _bids_suffix(contrast: str, bids_suffix: str) -> str:
+def bids_suffix_for(contrast: str, bids_suffix: str = "") -> str:
+    """The BIDS suffix to ingest: ``bids_suffix`` when given, else the contrast + ``w``
+    (``T2`` -> ``T2w``; ``FLAIR`` stays ``FLAIR``)."""
     if bids_suffix:
         return bids_suffix
     return contrast if contrast.upper() == "FLAIR" else f"{contrast}w"
@@ -224,7 +227,8 @@ def iter_sources(source: str | Path, fmt: str = "auto", contrast: str = "T2",
         else:
             raise ValueError(f"IXI source must be a directory or a .tar archive: {p}")
     elif kind == "bids":
-        yield from _bids(p, _bids_suffix(contrast, bids_suffix), _bids_suffix(contrast, bids_suffix))
+        suffix = bids_suffix_for(contrast, bids_suffix)
+        yield from _bids(p, suffix, suffix)
     elif kind == "list":
         yield from _list(p, contrast)
     elif kind == "glob":
