@@ -37,7 +37,7 @@ import torch
 
 from pgasr import __version__
 from pgasr.data.ixi import read_nifti_file
-from pgasr.data.sources import bids_entities, nifti_stem
+from pgasr.data.sources import bids_entities, nifti_files, nifti_stem
 from pgasr.volume import check_volume
 from pgasr.intensity import BACKGROUND_PERCENTILE
 from pgasr.metrics import head_mask, nanmean, psnr, ssim
@@ -103,9 +103,7 @@ def find_volumes(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"no such directory: {root}")
-    return sorted(p for p in root.rglob("*")
-                  if p.is_file() and not p.name.startswith(".")
-                  and (p.name.endswith(".nii") or p.name.endswith(".nii.gz")))
+    return nifti_files(root)
 
 
 def pair_key(path: str | Path, pair_by: str = "subject") -> str:

@@ -23,7 +23,9 @@ import nibabel as nib
 
 from pgasr import __version__
 from pgasr.dicom import is_dicom_dir, read_dicom_series, series_digest
-from pgasr.data.sources import bids_suffix_for, detect_format, iter_sources, nifti_stem
+from pgasr.data.sources import (
+    bids_suffix_for, detect_format, iter_sources, nifti_files, nifti_stem,
+)
 from pgasr.provenance import atomic_write_text, sha256_file
 
 __all__ = ["SRJob", "checkpoint_digest", "derivative_name", "input_digest", "plan_jobs",
@@ -101,8 +103,7 @@ def plan_jobs(inp: str | Path, output: str | Path | None, scale: int, *,
         out = Path(output)
         if out.name.endswith(_NIFTI):
             raise ValueError(f"--output must be a folder for a folder input, got {out}")
-        files = sorted(p for p in src.rglob("*") if p.is_file() and p.name.endswith(_NIFTI)
-                       and not p.name.startswith(".") and out.resolve() not in p.resolve().parents)
+        files = [p for p in nifti_files(src) if out.resolve() not in p.resolve().parents]
         if not files:
             raise ValueError(f"no .nii/.nii.gz files in {src}")
         jobs = [SRJob(p, out / p.relative_to(src).parent / _plain_name(p.name, scale))

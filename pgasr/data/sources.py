@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["FORMATS", "VolumeSource", "bids_entities", "bids_suffix_for", "detect_format",
-           "iter_sources",
+           "iter_sources", "nifti_files",
            "list_sources", "nifti_stem"]
 
 FORMATS = ("auto", "ixi", "bids", "list", "glob", "nifti")
@@ -80,6 +80,12 @@ def bids_entities(name: str) -> dict[str, str]:
 
 def _is_nifti(p: Path) -> bool:
     return p.is_file() and p.name.endswith(_NIFTI) and not p.name.startswith(".")
+
+
+def nifti_files(root: str | Path) -> list[Path]:
+    """Every ``.nii``/``.nii.gz`` file below ``root`` (recursively), sorted; hidden files
+    (``.name``, e.g. macOS ``._`` forks) are left out."""
+    return sorted(q for q in Path(root).rglob("*.nii*") if _is_nifti(q))
 
 
 def bids_suffix_for(contrast: str, bids_suffix: str = "") -> str:
@@ -237,7 +243,7 @@ def iter_sources(source: str | Path, fmt: str = "auto", contrast: str = "T2",
     else:  # nifti
         if not p.is_dir():
             raise ValueError(f"a NIfTI source must be a directory: {p}")
-        yield from _files(sorted(q for q in p.rglob("*.nii*") if _is_nifti(q)), str(p), contrast)
+        yield from _files(nifti_files(p), str(p), contrast)
 
 
 def list_sources(source: str | Path, fmt: str = "auto", contrast: str = "T2",
