@@ -130,10 +130,9 @@ class Client:
                                    length=src.stat().st_size, query={"scale": int(scale)})
         if dst.name.endswith(".nii"):
             out = gzip.decompress(out)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        tmp.write_bytes(out)
-        tmp.replace(dst)
+        from pgasr.provenance import atomic_write_bytes
+
+        atomic_write_bytes(dst, out)
         return dst
 
     def sr_slice(self, lr, scale: int, normalise: bool = True):

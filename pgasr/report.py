@@ -36,6 +36,7 @@ import numpy as np
 import yaml
 
 from pgasr.config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict
+from pgasr.provenance import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -567,7 +568,7 @@ def run_bench(cfg: RunConfig, bench: BenchConfig, log=print, map_fn=serial_map,
     results["tables"] = build_tables(results)
     # round-trip so the in-memory dict is what results.json holds (string scale keys)
     results = json.loads(json.dumps(results, default=_json_default))
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=_json_default))
     return results
 
 
@@ -1070,14 +1071,12 @@ def run(args: argparse.Namespace, map_fn=serial_map, priors_fn=compute_priors) -
         # tables are derived from the per-run records: re-derive them (a newer report may
         # add tables) and keep results.json the single source the Markdown is a function of
         results["tables"] = json.loads(json.dumps(build_tables(results), default=_json_default))
-        tmp = src.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=1, default=_json_default))
-        tmp.replace(src)
+        atomic_write_text(src, json.dumps(results, indent=1, default=_json_default))
     else:
         results = run_bench(cfg, bench, map_fn=map_fn, priors_fn=priors_fn)
     md = Path(bench.report)
     md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(render_markdown(results, md, out))
+    atomic_write_text(md, render_markdown(results, md, out))
     print(f"report: {md} (JSON + PNG in {out})", flush=True)
     return results
 

@@ -153,11 +153,10 @@ def degrade_volume_file(
 
 
 def write_nifti(img: nib.Nifti1Image, dst: str | Path) -> None:
-    """Write ``.nii``/``.nii.gz`` atomically (temp file + rename)."""
+    """Write ``.nii``/``.nii.gz`` atomically (unique temp file + fsync + rename)."""
+    from pgasr.provenance import atomic_write_bytes
+
     dst = Path(dst)
     if not (dst.name.endswith(".nii") or dst.name.endswith(".nii.gz")):
         raise ValueError(f"{dst}: output must end in .nii or .nii.gz")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.write_bytes(image_to_bytes(img, gz=dst.name.endswith(".gz")))
-    tmp.replace(dst)
+    atomic_write_bytes(dst, image_to_bytes(img, gz=dst.name.endswith(".gz")))

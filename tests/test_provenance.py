@@ -106,3 +106,32 @@ def test_temp_dirs_are_unique_and_beside_the_target(tmp_path):
     a, b = temp_dir_for(tmp_path / "out"), temp_dir_for(tmp_path / "out")
     assert a != b and a.parent == b.parent == tmp_path.resolve()
     assert a.name.startswith(".out.tmp-") and not any(a.iterdir())
+
+
+@linux_only
+def test_write_nifti_is_atomic_and_fsynced(tmp_path, monkeypatch):
+    """SR outputs (pgasr sr, pgasr degrade, the client) go through a unique temp + fsync +
+    rename: a failed write leaves the previous file, never half a NIfTI or a stray temp."""
+    import nibabel as nib
+    import numpy as np
+
+    from pgasr import volume
+
+    target = tmp_path.resolve() / "sr.nii.gz"
+    img = nib.Nifti1Image(np.ones((4, 4, 2), np.float32), np.eye(4))
+    events = _io_log(monkeypatch)
+    volume.write_nifti(img, target)
+    first_replace = events.index(("replace", str(target)))
+    assert any(kind == "fsync" and os.path.basename(p).startswith(".sr.nii.gz.")
+               for kind, p in events[:first_replace]), events
+    before = target.read_bytes()
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(volume, "image_to_bytes", lambda *a, **k: b"x" * 10)
+    monkeypatch.setattr(os, "fsync", broken)
+    with pytest.raises(OSError, match="disk full"):
+        volume.write_nifti(img, target)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sr.nii.gz"]

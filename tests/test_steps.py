@@ -285,12 +285,17 @@ def test_stage2_fidelity_fusion_starts_at_the_paper_model_and_learns_only_itself
     cfg.stage2.fidelity = -1.0
     with pytest.raises(ValueError, match="fidelity"):
         build_stage2(cfg, s1)
+    cfg.stage2.fidelity = 0.0
+    cfg.stage2.residual_head = "yes"
+    with pytest.raises(ValueError, match="residual_head must be one of off, features, refine"):
+        build_stage2(cfg, s1)
 
 
-def test_stage2_residual_head_starts_at_the_paper_model_and_trains():
+@pytest.mark.parametrize("head", ["features", "refine"])
+def test_stage2_residual_head_starts_at_the_paper_model_and_trains(head):
     cfg = tiny_cfg()
     s1, plain = _stage2(cfg)
-    cfg.stage2.residual_head = True
+    cfg.stage2.residual_head = head
     res = build_stage2(cfg, s1).train()
     res.encoder.load_state_dict(plain.encoder.state_dict())
     res.scab.load_state_dict(plain.scab.state_dict())

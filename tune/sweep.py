@@ -35,6 +35,7 @@ import argparse
 import csv
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import math
@@ -704,13 +705,12 @@ def write_tables(rows: list[dict], paths: Paths, cfg: RunConfig, best: dict | No
                  lpips_note: str | None) -> tuple[Path, Path]:
     paths.out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = paths.out / "results.csv", paths.out / "results.md"
-    tmp = csv_path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
-    tmp.replace(csv_path)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=COLUMNS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+    atomic_write_text(csv_path, buf.getvalue())
     t = cfg.tune
     head = ["rank", "trial", "beta", "alpha1", "alpha2", "status", "epochs", "val PSNR (dB)",
             "val SSIM", "gain vs bicubic (dB)", "eval PSNR", "eval SSIM", "eval LPIPS",

@@ -106,9 +106,12 @@ class Stage2Config:
     # with G frozen; 0 = off (the paper's G(Z(E(.))) exactly). fidelity_blocks: its ResBlocks.
     fidelity: float = 0.0
     fidelity_blocks: int = 2
-    # Beyond the paper: an image residual from E's full-resolution features added to G's output
-    # (a CNN path around the codebook, zero-initialised; fidelity_blocks ResBlocks).
-    residual_head: bool = False
+    # Beyond the paper: an image residual added to G's output by a small CNN (fidelity_blocks
+    # ResBlocks, zero-initialised output conv: training starts at the paper's model), a path
+    # around the codebook. "off" | "features" (input: E's full-resolution features) |
+    # "refine" (E's features, G's output and the centre LR slice, so it can correct what G
+    # gets wrong at the LR's own frequencies). docs/model.md, "Residual head".
+    residual_head: str = "off"
     scale: int = 2
     # Scales the pipeline trains a stage 2 for, on one shared stage 1 (paper: [2, 4]); empty =
     # [scale]. The x2 model is exported as RUN_DIR/stage2, any other as RUN_DIR/stage2_x{s}.

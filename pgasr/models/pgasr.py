@@ -215,6 +215,9 @@ def code_log_probs(distances: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     return F.log_softmax(distances.float() * (-1.0 / tau), dim=1)
 
 
+RESIDUAL_HEADS = ("off", "features", "refine")
+
+
 class Stage2Model(nn.Module):
     """E + SCAB (trained) with the frozen Z, G and Ê of stage 1.
 
@@ -225,9 +228,10 @@ class Stage2Model(nn.Module):
         fidelity: w of the fidelity fusion (beyond the paper, :mod:`pgasr.models.fidelity`);
             0 = no fusion module, the paper's G(Z(SCAB(E(.)))).
         fidelity_blocks: ResBlocks of the fusion's predictor (and of the residual head).
-        residual_head: add an image residual computed from E's full-resolution features to
-            G's output (beyond the paper; zero-initialised, so training starts at the paper's
-            model).
+        residual_head: ``"off"``, or an image residual added to G's output (beyond the paper;
+            zero-initialised, so training starts at the paper's model) computed from E's
+            full-resolution features (``"features"``) or from those, G's output and the centre
+            LR slice (``"refine"``).
     """
 
     FROZEN = ("quantizer", "decoder", "encoder_hat")
@@ -241,11 +245,14 @@ class Stage2Model(nn.Module):
         tau: float = 1.0,
         fidelity: float = 0.0,
         fidelity_blocks: int = 2,
-        residual_head: bool = False,
+        residual_head: str = "off",
     ):
         super().__init__()
         if fidelity < 0:
             raise ValueError(f"stage2.fidelity must be >= 0, got {fidelity}")
+        if residual_head not in RESIDUAL_HEADS:
+            raise ValueError(f"stage2.residual_head must be one of {', '.join(RESIDUAL_HEADS)}, "
+                             f"got {residual_head!r}")
         self.acg = cfg.acg
         self.latent_factor = cfg.latent_factor
         self.n_z = cfg.n_z
@@ -261,13 +268,16 @@ class Stage2Model(nn.Module):
             if fidelity > 0
             else None
         )
-        # beyond the paper (stage2.residual_head): a small CNN on E's full-resolution features
-        # adding an image residual to G's output; zero-initialised output conv
+        # beyond the paper (stage2.residual_head): a small CNN adding an image residual to G's
+        # output; "refine" also sees G's output and the centre LR slice (2 more channels)
+        self.residual_inputs = residual_head
+        c0 = cfg.channels[0]
+        extra = 2 if residual_head == "refine" else 0
         self.residual_head = (
-            nn.Sequential(*[ResBlock(cfg.channels[0], cfg.channels[0])
-                            for _ in range(max(fidelity_blocks, 1))],
-                          nn.SiLU(), nn.Conv2d(cfg.channels[0], 1, 3, padding=1))
-            if residual_head else None
+            nn.Sequential(ResBlock(c0 + extra, c0),
+                          *[ResBlock(c0, c0) for _ in range(max(fidelity_blocks, 1) - 1)],
+                          nn.SiLU(), nn.Conv2d(c0, 1, 3, padding=1))
+            if residual_head != "off" else None
         )
         if self.residual_head is not None:
             nn.init.zeros_(self.residual_head[-1].weight)
@@ -403,7 +413,11 @@ class Stage2Model(nn.Module):
         fuse = None if self.fidelity is None else (lambda f_d: self.fidelity(f_d, skip))
         sr = self.decoder(quant.z_q, fuse)  # (B, 1, H', W') padded
         if self.residual_head is not None:
-            sr = sr + self.residual_head(skip)
+            head_in = skip
+            if self.residual_inputs == "refine":
+                centre = pad_to_multiple(lr_up[:, 1:2], self.latent_factor)
+                head_in = torch.cat([skip, sr, centre], 1)
+            sr = sr + self.residual_head(head_in)
         sr = sr[..., : size[0], : size[1]]  # (B, 1, H, W)
         if not return_all:
             return sr
