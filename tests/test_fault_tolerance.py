@@ -18,7 +18,7 @@ from pgasr.data.prepare import prepare
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train_jobs import ROOT, tiny_cfg  # noqa: E402
 
-EPOCHS = 4
+EPOCHS = 3
 
 
 def _first_checkpoint(storage: Path, name: str) -> bool:

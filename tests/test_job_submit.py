@@ -6,7 +6,6 @@ run with 2 workers and its checkpoint export are what this test proves (``jobs/s
 as a Ray driver is exercised by tests/test_fault_tolerance.py)."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,23 +17,16 @@ from pgasr.checkpoint import load_checkpoint
 from pgasr.data.prepare import prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from procutil import local_head  # noqa: E402
 from test_train_jobs import ROOT, TINY_MODEL, tiny_cfg  # noqa: E402
 
 BIN = Path(sys.executable).parent
-GCS_PORT, DASH_PORT = 6391, 8266  # away from Ray's worker port range 10002-19999
-
-
-@pytest.fixture
-def head():
-    with local_head(GCS_PORT, DASH_PORT) as h:
-        yield h
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_job_submit_stage2(head, tmp_path):
-    address, env = head.url, head.env
+def test_job_submit_stage2(job_head, tmp_path):
+    """Against the session's shared head (``conftest.job_head``)."""
+    address, env = job_head.url, job_head.env
     cfg = tiny_cfg(tmp_path)
     prepare(cfg, progress=False)
     sets = [f"synth.out_dir={tmp_path}/synth", f"data.prepared_dir={tmp_path}/prepared",

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -193,86 +189,29 @@ def test_priors_job_missing_scale_is_a_clear_error(ray_session, tmp_path):
         run_priors(cfg)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_busy(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-def _stop_head(head: subprocess.Popen) -> None:
-    """SIGTERM the ``ray start --block`` process only (it drains the node and stops its own
-    Ray processes, ~10 s); SIGKILL what is left of *its* process group after 60 s."""
-    head.terminate()
-    deadline = time.time() + 60
-    while _group_alive(head.pid) and time.time() < deadline:
-        time.sleep(1)
-    if _group_alive(head.pid):
-        os.killpg(head.pid, signal.SIGKILL)
-    head.wait(timeout=10)
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_priors_job_submit(tmp_path):
+def test_priors_job_submit(job_head, tmp_path):
     """``ray job submit --working-dir . -- python jobs/priors.py --config configs/tiny.yaml``
-    against a local head (GCS 6420, dashboard 127.0.0.1:8290) that this test starts with
-    ``--block`` in its own session and stops by signalling only that process (group)."""
+    against the session's local head (``conftest.job_head``: token auth, 127.0.0.1)."""
     ray_bin = str(Path(sys.executable).parent / "ray")
     prepared = make_prepared(tmp_path / "prepared", {"train": ["S1"], "test": ["S2"]},
                              n_slices=4, scales=(2, 4))
-    temp_dir = Path("/tmp") / f"ray_pgasr_priors_{os.getpid()}"
-    for port in (6420, 8290):
-        if _port_busy(port):
-            pytest.fail(f"port {port} is in use: another Ray head is running there")
-    # `python` in the entrypoint must be this venv's; token auth on both ends (Ray >= 2.52).
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--port=6420", "--dashboard-host=127.0.0.1",
-         "--dashboard-port=8290", "--num-cpus=4", f"--temp-dir={temp_dir}",
-         f"--ray-client-server-port={_free_port()}",
-         f"--dashboard-agent-listen-port={_free_port()}",
-         f"--dashboard-agent-grpc-port={_free_port()}",
-         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True)
-    try:
-        address = "http://127.0.0.1:8290"
-        deadline = time.time() + 120
-        while True:
-            probe = subprocess.run([ray_bin, "job", "list", "--address", address], env=env,
-                                   capture_output=True, text=True)
-            if probe.returncode == 0:
-                break
-            assert head.poll() is None, head.stdout.read().decode()
-            assert time.time() < deadline, f"dashboard not up: {probe.stderr[-2000:]}"
-            time.sleep(2)
-        cmd = [ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--",
-               "python", "jobs/priors.py", "--config", "configs/tiny.yaml",
-               "--set", f"data.prepared_dir={prepared}", "--set", "data.scales=[2,4]",
-               "--set", f"prior.cache_dir={tmp_path / 'cache'}", "--set", "prior.backend=tissue",
-               "--set", "resources.prior_actors=2"]
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-        assert "priors: wrote" in r.stdout
-        out = schema.priors_dir(prepared)
-        test = read_split(out / "test")
-        assert test["prior_lr_x4"].shape == (4, 3, SIZE, SIZE)
-        assert json.loads((out / "priors.json").read_text())["rows_out"] == {"train": 4, "test": 4}
-    finally:
-        _stop_head(head)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    cmd = [ray_bin, "job", "submit", "--address", job_head.url, "--working-dir", ".", "--",
+           sys.executable, "jobs/priors.py", "--config", "configs/tiny.yaml",
+           "--set", f"data.prepared_dir={prepared}", "--set", "data.scales=[2,4]",
+           "--set", f"prior.cache_dir={tmp_path / 'cache'}", "--set", "prior.backend=tissue",
+           "--set", "resources.prior_actors=2"]
+    for _ in range(10):  # the job agent can lag the job API by a few seconds
+        r = subprocess.run(cmd, cwd=ROOT, env=job_head.env, capture_output=True, text=True,
+                           timeout=300)
+        if "No available agent" not in r.stderr + r.stdout:
+            break
+        time.sleep(3)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "priors: wrote" in r.stdout
+    out = schema.priors_dir(prepared)
+    test = read_split(out / "test")
+    assert test["prior_lr_x4"].shape == (4, 3, SIZE, SIZE)
+    assert json.loads((out / "priors.json").read_text())["rows_out"] == {"train": 4, "test": 4}
