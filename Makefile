@@ -47,7 +47,7 @@ demo: $(STAMP)
 # The model `make demo` leaves, over HTTP on 127.0.0.1:8000 (the web viewer at /). The API key
 # comes from PGASR_API_KEYS (comma-separated); nothing is served without one.
 serve-demo: $(STAMP)
-	@test -f runs/demo/stage2/model.pt || { echo "no demo model in runs/demo/stage2: run make demo first"; exit 2; }
+	@test -f runs/demo/stage2/meta.json || { echo "no demo model in runs/demo/stage2: run make demo first"; exit 2; }
 	@test -n "$$PGASR_API_KEYS" || { echo "set an API key first: export PGASR_API_KEYS=\$$(openssl rand -hex 16)"; exit 2; }
 	$(PY) -m serve.app --config configs/demo.yaml --set serve.checkpoint=runs/demo/stage2
 

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pgasr.checkpoint import stage_dirname
+from pgasr.checkpoint import is_checkpoint, stage_dirname
 from pgasr.config import RunConfig, config_from_dict, config_to_dict
 from pgasr.data import schema
 from pgasr.provenance import atomic_write_text, sha256_file
@@ -207,7 +207,7 @@ def make_trainer(stage: int, cfg: RunConfig, *, name: str | None = None,
     stage1_ckpt = None
     if stage == 2:
         stage1_ckpt = cfg.stage2.stage1_checkpoint or str(Path(cfg.run_dir) / "stage1")
-        if not (Path(stage1_ckpt) / "model.pt").is_file():
+        if not is_checkpoint(stage1_ckpt):
             raise FileNotFoundError(
                 f"stage-1 checkpoint not found at {stage1_ckpt}: run jobs/stage1.py first or "
                 "--set stage2.stage1_checkpoint=PATH")

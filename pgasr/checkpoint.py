@@ -2,7 +2,8 @@
 
 A checkpoint is a directory::
 
-    model.pt        # {"stage": 1|2, "state_dicts": {name: state_dict}}
+    model.safetensors  # weights: "<module>.<parameter>" -> tensor (safetensors, no pickle);
+                       # its metadata holds the stage and the module names
     config.yaml     # resolved RunConfig the weights were trained with
     meta.json       # format, stage, git sha, package versions, prior backend, perceptual loss,
                     # degradation, normalisation, data-manifest hash, scales, metrics, step
@@ -17,9 +18,10 @@ absent or empty path, or a directory whose ``meta.json`` has a ``pgasr-checkpoin
 
 ``meta.json`` records the SHA-256 of every other file (``sha256``: {file: hex}); loading
 verifies the files it reads against it (:class:`CheckpointIntegrityError` on a mismatch;
-checkpoints written before hashes were recorded load with a warning). Both ``.pt`` files are
-read with ``torch.load(weights_only=True)``: tensors and plain containers only, never
-arbitrary pickled objects. Non-finite weights are never saved.
+checkpoints written before hashes were recorded load with a warning). Weights are read with
+``safetensors`` (no code runs on load); ``train_state.pt`` and the ``model.pt`` of checkpoints
+written before format 2 with ``torch.load(weights_only=True)``: tensors and plain containers
+only, never arbitrary pickled objects. Non-finite weights are never saved.
 """
 
 from __future__ import annotations
@@ -43,16 +45,19 @@ from pgasr.provenance import (
 
 log = logging.getLogger(__name__)
 
-FORMAT = "pgasr-checkpoint/1"
-MODEL_FILE = "model.pt"
+FORMAT = "pgasr-checkpoint/2"  # 2: weights in model.safetensors
+READABLE_FORMATS = ("pgasr-checkpoint/1", FORMAT)  # 1: weights in model.pt (torch.save)
+MODEL_FILE = "model.safetensors"
+LEGACY_MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
 TRAIN_STATE_FILE = "train_state.pt"
 
-HASHED_FILES = (MODEL_FILE, CONFIG_FILE, TRAIN_STATE_FILE)
+HASHED_FILES = (MODEL_FILE, LEGACY_MODEL_FILE, CONFIG_FILE, TRAIN_STATE_FILE)
 
 __all__ = ["Checkpoint", "CheckpointIntegrityError", "FORMAT", "NonFiniteWeightsError",
-           "load_checkpoint", "publish_checkpoint", "save_checkpoint", "stage_dirname"]
+           "is_checkpoint", "load_checkpoint", "publish_checkpoint", "save_checkpoint",
+           "stage_dirname"]
 
 
 def stage_dirname(stage: int, scale: int = 2) -> str:
@@ -61,6 +66,54 @@ def stage_dirname(stage: int, scale: int = 2) -> str:
     if stage == 1:
         return "stage1"
     return "stage2" if int(scale) == 2 else f"stage2_x{int(scale)}"
+
+
+def weights_file(path: str | Path) -> Path:
+    """The weights file of checkpoint directory ``path``: ``model.safetensors``, or the
+    ``model.pt`` of a format-1 checkpoint."""
+    p = Path(path)
+    return p / MODEL_FILE if (p / MODEL_FILE).is_file() or not (p / LEGACY_MODEL_FILE).is_file() \
+        else p / LEGACY_MODEL_FILE
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` looks like a checkpoint directory (weights + ``meta.json``)."""
+    p = Path(path)
+    return weights_file(p).is_file() and (p / META_FILE).is_file()
+
+
+def _save_weights(stage: int, sd: dict[str, dict[str, torch.Tensor]], path: Path) -> None:
+    """``{module: state_dict}`` as one safetensors file: keys ``<module>.<parameter>``; the
+    stage and the module names (a module may have no tensors) in its metadata."""
+    from safetensors.torch import save_file
+
+    bad = [m for m in sd if "." in m]
+    if bad:
+        raise ValueError(f"module names must not contain '.': {bad}")
+    flat = {f"{m}.{k}": v.contiguous().clone() for m, msd in sd.items() for k, v in msd.items()}
+    save_file(flat, str(path), metadata={"format": FORMAT, "stage": str(stage),
+                                         "modules": json.dumps(sorted(sd))})
+
+
+def _load_weights(path: Path) -> tuple[int, dict[str, dict[str, torch.Tensor]]]:
+    """(stage, {module: state_dict}) from :func:`_save_weights`' file (or a format-1
+    ``model.pt``)."""
+    if path.name == LEGACY_MODEL_FILE:
+        blob = _load_pt(path)
+        return int(blob["stage"]), blob["state_dicts"]
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            sd: dict[str, dict[str, torch.Tensor]] = {m: {} for m in json.loads(
+                meta.get("modules", "[]"))}
+            for key in f.keys():
+                m, k = key.split(".", 1)
+                sd.setdefault(m, {})[k] = f.get_tensor(key)
+        return int(meta["stage"]), sd
+    except (SafetensorError, KeyError, ValueError) as e:
+        raise CheckpointIntegrityError(f"{path}: not a PGASR weights file ({e})") from None
 
 
 class CheckpointIntegrityError(ValueError):
@@ -134,7 +187,7 @@ def save_checkpoint(
     sd = _state_dicts(modules)
     tmp = temp_dir_for(path)
     try:
-        torch.save({"stage": stage, "state_dicts": sd}, tmp / MODEL_FILE)
+        _save_weights(stage, sd, tmp / MODEL_FILE)
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE_FILE)
@@ -225,15 +278,17 @@ def load_checkpoint(path: str | Path, with_train_state: bool = False) -> Checkpo
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {p}")
-    missing = [f for f in (MODEL_FILE, CONFIG_FILE, META_FILE) if not (p / f).is_file()]
+    weights = weights_file(p)
+    missing = [f.name for f in (weights, p / CONFIG_FILE, p / META_FILE) if not f.is_file()]
     if missing:
         raise ValueError(f"{p} is not a PGASR checkpoint (missing {', '.join(missing)})")
     meta = json.loads((p / META_FILE).read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{p}: unsupported checkpoint format {meta.get('format')!r}")
+    if meta.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"{p}: unsupported checkpoint format {meta.get('format')!r} (this "
+                         f"version reads {', '.join(READABLE_FORMATS)})")
     want_ts = with_train_state and (p / TRAIN_STATE_FILE).is_file()
-    _verify(p, meta, [MODEL_FILE, CONFIG_FILE] + ([TRAIN_STATE_FILE] if want_ts else []))
+    _verify(p, meta, [weights.name, CONFIG_FILE] + ([TRAIN_STATE_FILE] if want_ts else []))
     cfg = config_from_dict(yaml.safe_load((p / CONFIG_FILE).read_text()), str(p / CONFIG_FILE))
-    blob = _load_pt(p / MODEL_FILE)
+    stage, state_dicts = _load_weights(weights)
     ts = _load_pt(p / TRAIN_STATE_FILE) if want_ts else None
-    return Checkpoint(p, int(blob["stage"]), blob["state_dicts"], cfg, meta, ts)
+    return Checkpoint(p, stage, state_dicts, cfg, meta, ts)

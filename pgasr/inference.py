@@ -85,7 +85,10 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kw) -> Predictor:
+        """A predictor for checkpoint directory ``path`` (verified, weights-only load)."""
         return cls(load_checkpoint(path), **kw)
+
+    from_pretrained = from_checkpoint  # the name diffusers/transformers users reach for
 
     def describe(self) -> dict:
         """Metadata for ``GET /v1/model`` and reports."""

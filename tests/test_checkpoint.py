@@ -57,14 +57,59 @@ def test_checkpoint_records_and_verifies_file_hashes(tmp_path):
     m = _model()
     ck = _save(tmp_path / "ck", m, train_state=_train_state(m))
     meta = json.loads((ck / "meta.json").read_text())
-    assert set(meta["sha256"]) == {"model.pt", "config.yaml", "train_state.pt"}
+    assert set(meta["sha256"]) == {"model.safetensors", "config.yaml", "train_state.pt"}
     assert all(meta["sha256"][f] == sha256_file(ck / f) for f in meta["sha256"])
     loaded = load_checkpoint(ck, with_train_state=True)
     torch.testing.assert_close(loaded.state_dicts["model"]["weight"], m.weight.detach())
-    # a valid but different model.pt put there afterwards is caught, naming the file
-    other = {"stage": 1, "state_dicts": {"model": torch.nn.Linear(3, 2).state_dict()}}
-    torch.save(other, ck / "model.pt")
-    with pytest.raises(ValueError, match=r"model\.pt: SHA-256 .* does not match"):
+    # a valid but different weights file put there afterwards is caught, naming the file
+    from safetensors.torch import save_file
+
+    save_file({"model.weight": torch.zeros(2, 3), "model.bias": torch.zeros(2)},
+              str(ck / "model.safetensors"), metadata={"stage": "1", "modules": '["model"]'})
+    with pytest.raises(ValueError, match=r"model\.safetensors: SHA-256 .* does not match"):
+        load_checkpoint(ck)
+
+
+def test_checkpoint_weights_are_safetensors_and_old_ones_load(tmp_path):
+    """Weights are a safetensors file (no pickle); a format-1 checkpoint (weights in
+    ``model.pt``, written by the code before format 2) still loads, verified, and a weights
+    file that is not safetensors is refused with the file named."""
+    from safetensors import safe_open
+
+    from pgasr.checkpoint import is_checkpoint
+
+    m = _model()
+    ck = _save(tmp_path / "ck", m)
+    assert sorted(p.name for p in ck.iterdir()) == ["config.yaml", "meta.json",
+                                                     "model.safetensors"]
+    with safe_open(str(ck / "model.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == {"model.weight", "model.bias"}
+        assert f.metadata()["stage"] == "1"
+    assert json.loads((ck / "meta.json").read_text())["format"] == "pgasr-checkpoint/2"
+
+    # format 1, exactly as the previous code wrote it
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save({"stage": 1, "state_dicts": {"model": m.state_dict()}}, old / "model.pt")
+    (old / "config.yaml").write_text((ck / "config.yaml").read_text())
+    meta = json.loads((ck / "meta.json").read_text())
+    meta["format"] = "pgasr-checkpoint/1"
+    meta["sha256"] = {"model.pt": sha256_file(old / "model.pt"),
+                      "config.yaml": sha256_file(old / "config.yaml")}
+    (old / "meta.json").write_text(json.dumps(meta))
+    assert is_checkpoint(old) and is_checkpoint(ck) and not is_checkpoint(tmp_path)
+    loaded = load_checkpoint(old)
+    assert loaded.stage == 1
+    torch.testing.assert_close(loaded.state_dicts["model"]["weight"], m.weight.detach())
+
+    (ck / "model.safetensors").write_bytes(b"\x00" * 64)
+    _drop_hashes(ck)
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a PGASR weights file"):
+        load_checkpoint(ck)
+    meta = json.loads((ck / "meta.json").read_text())
+    meta["format"] = "pgasr-checkpoint/9"
+    (ck / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="unsupported checkpoint format 'pgasr-checkpoint/9'"):
         load_checkpoint(ck)
 
 
@@ -145,8 +190,8 @@ def test_publish_checkpoint_copies_verified_and_refuses_foreign_dest(tmp_path):
     assert not (dest / "train_state.pt").exists() and load_checkpoint(dest).stage == 1
     publish_checkpoint(src, dest)  # over its own earlier copy
     assert load_checkpoint(dest, with_train_state=True).train_state["step"] == 1
-    torch.save({"stage": 1, "state_dicts": {}}, src / "model.pt")
-    with pytest.raises(ValueError, match=r"model\.pt: SHA-256"):
+    (src / "model.safetensors").write_bytes(b"damaged")
+    with pytest.raises(ValueError, match=r"model\.safetensors: SHA-256"):
         publish_checkpoint(src, dest)  # a damaged source is never published
     assert load_checkpoint(dest).state_dicts["model"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "src"]

@@ -19,7 +19,7 @@ def ckpt_dir(tmp_path_factory):
 
 
 def test_checkpoint_is_self_describing(ckpt_dir):
-    assert {p.name for p in ckpt_dir.iterdir()} >= {"model.pt", "config.yaml", "meta.json"}
+    assert {p.name for p in ckpt_dir.iterdir()} >= {"model.safetensors", "config.yaml", "meta.json"}
     meta = json.loads((ckpt_dir / "meta.json").read_text())
     assert meta["stage"] == 2 and meta["format"].startswith("pgasr-checkpoint")
     assert "torch" in meta["versions"] and meta["prior"]["backend"] == "tissue"
@@ -37,7 +37,7 @@ def test_checkpoint_errors(tmp_path):
 
 def test_roundtrip_identical_outputs(ckpt_dir):
     a = Predictor.from_checkpoint(ckpt_dir, device="cpu")
-    b = Predictor.from_checkpoint(ckpt_dir, device="cpu")
+    b = Predictor.from_pretrained(ckpt_dir, device="cpu")  # the same loader by its other name
     lr = np.random.default_rng(0).normal(size=(3, 3, 12, 10)).astype(np.float32)
     out_a = a.predict_triplets(lr, 2)
     out_b = b.predict_triplets(lr, 2)

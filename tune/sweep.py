@@ -308,7 +308,9 @@ def _bkey(beta: float) -> str:
 
 
 def _is_checkpoint(p: Path) -> bool:
-    return (p / "model.pt").is_file() and (p / "meta.json").is_file()
+    from pgasr.checkpoint import is_checkpoint
+
+    return is_checkpoint(p)
 
 
 def with_point(cfg: RunConfig | dict, point: dict, stage1: dict[str, str]) -> RunConfig:
