@@ -112,27 +112,12 @@ def _default_data_dir(cfg) -> str:
     return str(p) if (p / "manifest.json").is_file() else cfg.data.prepared_dir
 
 
-def _contrast_warning(pred, job_contrast: str) -> str | None:
-    trained = pred.ckpt.meta.get("contrast")
-    if not trained:
-        return None
-    norm = {c.upper().removesuffix("W") for c in trained}
-    if job_contrast.upper().removesuffix("W") in norm:
-        return None
-    return (f"this model was trained on {', '.join(trained)} images; the input is "
-            f"{job_contrast}: expect intensities and detail typical of the training contrast")
-
-
 def cmd_sr(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from pgasr.inference import Predictor
     from pgasr.runtime import tune_allocator
-    from pgasr.sr_files import (
-        checkpoint_digest, plan_jobs, read_input, sidecar, write_dataset_description,
-    )
-    from pgasr.provenance import atomic_write_text
-    from pgasr.volume import write_nifti
+    from pgasr.sr_files import model_record, plan_jobs, run_sr_job, write_dataset_description
 
     _check_scale(args.scale)
     jobs, deriv = plan_jobs(args.input, args.output, args.scale, contrast=args.contrast or "T2",
@@ -140,37 +125,25 @@ def cmd_sr(args: argparse.Namespace) -> None:
     tune_allocator()
     pred = Predictor.from_checkpoint(args.checkpoint, device=args.device, bf16=args.bf16)
     contrast = args.bids_suffix or args.contrast
-    if contrast and (msg := _contrast_warning(pred, contrast)):
+    if contrast and (msg := pred.contrast_warning(contrast)):
         log.warning(msg)
-    backend = pred.describe()["prior"].get("backend")  # None for a model.acg=false checkpoint
-    model = {"checkpoint": str(Path(args.checkpoint).resolve()),
-             "checkpoint_sha256": checkpoint_digest(args.checkpoint, pred.ckpt.meta),
-             "prior_backend": backend, "trained_contrast": pred.ckpt.meta.get("contrast"),
-             "trained_voxel_size": pred.ckpt.meta.get("voxel_size"),
-             "inference": {k: getattr(pred.cfg.inference, k) for k in
-                           ("back_projection_steps", "back_projection_weight", "background")}}
+    model = model_record(pred, args.checkpoint)
     if deriv is not None:
         write_dataset_description(deriv, Path(args.input))
     files = tqdm(jobs, desc="sr", unit="vol", disable=args.quiet or len(jobs) == 1)
     for job in files:
         files.set_postfix_str(job.input.name)
-        img = read_input(job.input)
-        img, grid = pred.to_model_grid(img, args.scale) if args.resample else (img, {})
-        bar = tqdm(total=img.shape[2] if len(img.shape) > 2 else 0, desc=job.input.name,
-                   unit="slice", disable=args.quiet or len(jobs) > 1, leave=False)
+        bar = tqdm(total=0, desc=job.input.name, unit="slice",
+                   disable=args.quiet or len(jobs) > 1, leave=False)
 
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
-        sr = pred.predict_image(img, args.scale, progress=progress)
+        res = run_sr_job(pred, job, args.scale, model, resample=args.resample, progress=progress)
         bar.close()
-        write_nifti(sr, job.output)
-        grid["output_voxel_size"] = [round(float(z), 4) for z in sr.header.get_zooms()[:3]]
-        atomic_write_text(job.sidecar, json.dumps(sidecar(job, args.scale, model, grid),
-                                                  indent=1) + "\n")
-        files.write(f"wrote {job.output}  shape={sr.shape}  voxel="
-                    f"{tuple(grid['output_voxel_size'])}  prior={backend}")
+        files.write(f"wrote {job.output}  shape={tuple(res['shape'])}  voxel="
+                    f"{tuple(res['output_voxel_size'])}  prior={model['prior_backend']}")
     if len(jobs) > 1:
         print(f"{len(jobs)} volumes super-resolved x{args.scale} -> "
               f"{deriv or Path(args.output)}")

@@ -102,8 +102,24 @@ class Predictor:
             "metrics": m.get("metrics"),
             "git_sha": m.get("git_sha"),
             "created": m.get("created"),
+            "contrast": m.get("contrast"),
             "device": str(self.device),
         }
+
+    def contrast_warning(self, contrast: str, scale: int | None = None) -> str | None:
+        """A warning when ``contrast`` (T1, T2w, FLAIR, ...) is not one this model was trained
+        on (``meta.json``'s ``contrast``); None when it is, or when the checkpoint predates
+        the record. ``scale`` is accepted for :class:`PredictorSet`'s signature."""
+        trained = self.ckpt.meta.get("contrast")
+        if not trained:
+            return None
+        if isinstance(trained, str):
+            trained = [trained]
+        norm = {c.upper().removesuffix("W") for c in trained}
+        if contrast.upper().removesuffix("W") in norm:
+            return None
+        return (f"this model was trained on {', '.join(trained)} images; the input is "
+                f"{contrast}: expect intensities and detail typical of the training contrast")
 
     def _check_scale(self, scale: int) -> None:
         if scale not in self.scales:
@@ -312,6 +328,10 @@ class PredictorSet:
         first = self.by_scale[self.scales[0]].describe()
         return {**first, "scales": self.scales,
                 "checkpoints": {str(s): self.by_scale[s].describe() for s in self.scales}}
+
+    def contrast_warning(self, contrast: str, scale: int | None = None) -> str | None:
+        """:meth:`Predictor.contrast_warning` of the x``scale`` model (default: the first)."""
+        return self._for(self.scales[0] if scale is None else scale).contrast_warning(contrast)
 
     def predict_triplets(self, lr, scale: int, prior_lr=None) -> np.ndarray:
         return self._for(scale).predict_triplets(lr, scale, prior_lr)

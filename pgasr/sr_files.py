@@ -28,8 +28,8 @@ from pgasr.data.sources import (
 )
 from pgasr.provenance import atomic_write_text, sha256_file
 
-__all__ = ["SRJob", "checkpoint_digest", "derivative_name", "input_digest", "plan_jobs",
-           "read_input", "sidecar", "write_dataset_description"]
+__all__ = ["SRJob", "checkpoint_digest", "derivative_name", "input_digest", "model_record",
+           "plan_jobs", "read_input", "run_sr_job", "sidecar", "write_dataset_description"]
 
 _NIFTI = (".nii", ".nii.gz")
 
@@ -165,3 +165,40 @@ def write_dataset_description(root: Path, source: Path) -> None:
         "GeneratedBy": [{"Name": "pgasr", "Version": __version__}],
         "SourceDatasets": [{"URL": source.resolve().as_uri()}],
     }, indent=1) + "\n")
+
+
+def model_record(pred, checkpoint: str | Path) -> dict:
+    """What a sidecar says about the model (``pred``: a :class:`pgasr.inference.Predictor`)."""
+    return {"checkpoint": str(Path(checkpoint).resolve()),
+            "checkpoint_sha256": checkpoint_digest(checkpoint, pred.ckpt.meta),
+            "prior_backend": pred.describe()["prior"].get("backend"),  # None: model.acg=false
+            "trained_contrast": pred.ckpt.meta.get("contrast"),
+            "trained_voxel_size": pred.ckpt.meta.get("voxel_size"),
+            "inference": {k: getattr(pred.cfg.inference, k) for k in
+                          ("back_projection_steps", "back_projection_weight", "background")}}
+
+
+def run_sr_job(pred, job: SRJob, scale: int, model: dict, *, resample: bool = True,
+               progress=None) -> dict:
+    """Super-resolve one input of a plan: read it, bring it to the model's grid (unless
+    ``resample`` is False), predict, write the output and its sidecar atomically.
+
+    Args:
+        pred: a :class:`pgasr.inference.Predictor`.
+        job: from :func:`plan_jobs`.
+        model: :func:`model_record` of ``pred``.
+        progress: ``callback(done_slices, total_slices)``.
+
+    Returns:
+        ``{"input", "output", "shape", "output_voxel_size"}``.
+    """
+    from pgasr.volume import write_nifti
+
+    img = read_input(job.input)
+    img, grid = pred.to_model_grid(img, scale) if resample else (img, {})
+    sr = pred.predict_image(img, scale, progress=progress)
+    write_nifti(sr, job.output)
+    grid["output_voxel_size"] = [round(float(z), 4) for z in sr.header.get_zooms()[:3]]
+    atomic_write_text(job.sidecar, json.dumps(sidecar(job, scale, model, grid), indent=1) + "\n")
+    return {"input": str(job.input), "output": str(job.output), "shape": list(sr.shape),
+            "output_voxel_size": grid["output_voxel_size"]}

@@ -11,7 +11,7 @@ Nothing starts at import time.
 One deployment, :class:`PGASRServer`, is both the FastAPI ingress and the model holder (no
 second hop for volumes that can be hundreds of MB). Routes (``docs/serve.md``):
 
-* ``POST /v1/sr?scale=2``        .nii/.nii.gz body (raw or multipart field ``file``) -> SR
+* ``POST /v1/sr?scale=2[&contrast=T1w]`` .nii/.nii.gz body (raw or multipart field ``file``) -> SR
   volume as .nii.gz; exactly ``Predictor.predict_image``, the code path of ``pgasr sr``.
 * ``POST /v1/sr/slice?scale=2``  2-D ``.npy``/PNG slice or a (3, h, w) ``.npy`` triplet -> SR
   slice as ``.npy``; slices of concurrent requests share ``@serve.batch`` batches.
@@ -35,6 +35,7 @@ import hmac
 import io
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -356,6 +357,18 @@ def parse_scale(request: Request, scales: list[int]) -> int:
     return scale
 
 
+def parse_contrast(request: Request) -> str | None:
+    """``?contrast=`` (T1, T2w, FLAIR, ...): what the uploaded image is, so the response can
+    warn when the model was trained on another contrast."""
+    raw = request.query_params.get("contrast")
+    if raw is None:
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9]{1,32}", raw):
+        raise ApiError(422, "invalid_input", "contrast must be 1-32 letters/digits (T1, T2w, "
+                       f"FLAIR, ...), got {raw[:20]!r}")
+    return raw
+
+
 def parse_bool(request: Request, name: str, default: bool) -> bool:
     raw = request.query_params.get(name)
     if raw is None:
@@ -658,6 +671,7 @@ class V1Call:
     body: bytes
     t0: float  # perf_counter at admission, for X-PGASR-Seconds
     slot: Slot | None = None  # the job slot, for routes admitted through JobSlots
+    warning: str | None = None  # X-PGASR-Warning (e.g. another contrast than the model's)
 
 
 def _torch_threads() -> int:
@@ -750,6 +764,8 @@ def make_api(svc: Service) -> FastAPI:
         :class:`JsonErrors`)."""
         svc.keys.check(request.headers)
         scale = parse_scale(request, svc.scales)
+        contrast = parse_contrast(request)
+        warning = svc.predictor.contrast_warning(contrast, scale) if contrast else None
         parsed = {k: parse_bool(request, k, d) for k, d in (flags or {}).items()}
         mt = media_type(request, allowed)
         deadline = Deadline(svc.scfg.request_timeout_s)
@@ -762,7 +778,7 @@ def make_api(svc: Service) -> FastAPI:
             if mt == MULTIPART:
                 body = extract_multipart(body, request.headers["content-type"],
                                          max_parts=svc.caps.max_multipart_parts)
-            call = V1Call(scale, parsed, deadline, body, t0, slot)
+            call = V1Call(scale, parsed, deadline, body, t0, slot, warning)
             del body  # the route may drop call.body once it has handed it on
             yield call
         except (ApiError, ValueError, Aborted, OutputError, FloatingPointError) as e:
@@ -773,11 +789,14 @@ def make_api(svc: Service) -> FastAPI:
                 slot.release()
 
     def sr_response(call: V1Call, data: bytes, media: str, suffix: str, shape) -> Response:
-        return Response(data, media_type=media, headers={
+        headers = {
             "Content-Disposition": f'attachment; filename="sr_x{call.scale}{suffix}"',
             "X-PGASR-Shape": ",".join(map(str, shape)), "X-PGASR-Scale": str(call.scale),
             "X-PGASR-Seconds": f"{time.perf_counter() - call.t0:.3f}",
-            "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
+            "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+        if call.warning:
+            headers["X-PGASR-Warning"] = call.warning
+        return Response(data, media_type=media, headers=headers)
 
     @app.post("/v1/sr")
     async def sr_volume(request: Request):

@@ -53,14 +53,22 @@ def test_bids_prepared_trained_served_and_super_resolved(tmp_path):
     async def call():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=A.make_api(svc)),
                                      base_url="http://t", timeout=120) as c:
-            return await c.post("/v1/sr?scale=2", content=image_to_bytes(lr),
-                                headers={"X-API-Key": key})
+            h = {"X-API-Key": key}
+            out = [await c.post(f"/v1/sr?scale=2{q}", content=image_to_bytes(lr), headers=h)
+                   for q in ("", "&contrast=T1w", "&contrast=t2", "&contrast=T1%3B")]
+            return out, await c.get("/v1/model", headers=h)
 
     try:
-        r = asyncio.run(call())
+        (r, r_t1, r_t2, r_bad), model = asyncio.run(call())
     finally:
         svc.close()
     assert r.status_code == 200, r.text
+    assert model.json()["contrast"] == ["T2w"]
+    # another contrast than the model's: served, with a warning saying so; the same: none
+    assert r_t1.status_code == 200 and "X-PGASR-Warning" not in r.headers
+    assert "trained on T2w images; the input is T1w" in r_t1.headers["X-PGASR-Warning"]
+    assert r_t2.status_code == 200 and "X-PGASR-Warning" not in r_t2.headers
+    assert r_bad.status_code == 422 and "contrast must be" in r_bad.json()["detail"]
     sr = nib.Nifti1Image.from_bytes(gzip.decompress(r.content))
     assert sr.shape == (80, 88, 24) and np.isfinite(np.asarray(sr.dataobj)).all()
 
