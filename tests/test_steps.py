@@ -291,11 +291,12 @@ def test_stage2_fidelity_fusion_starts_at_the_paper_model_and_learns_only_itself
         build_stage2(cfg, s1)
 
 
-@pytest.mark.parametrize("head", ["features", "refine"])
-def test_stage2_residual_head_starts_at_the_paper_model_and_trains(head):
+@pytest.mark.parametrize("head,channels", [("features", 0), ("refine", 0), ("refine", 12)])
+def test_stage2_residual_head_starts_at_the_paper_model_and_trains(head, channels):
     cfg = tiny_cfg()
     s1, plain = _stage2(cfg)
     cfg.stage2.residual_head = head
+    cfg.stage2.residual_channels = channels
     res = build_stage2(cfg, s1).train()
     res.encoder.load_state_dict(plain.encoder.state_dict())
     res.scab.load_state_dict(plain.scab.state_dict())

@@ -112,6 +112,7 @@ class Stage2Config:
     # "refine" (E's features, G's output and the centre LR slice, so it can correct what G
     # gets wrong at the LR's own frequencies). docs/model.md, "Residual head".
     residual_head: str = "off"
+    residual_channels: int = 0  # width of the residual head's ResBlocks; 0 = model.channels[0]
     scale: int = 2
     # Scales the pipeline trains a stage 2 for, on one shared stage 1 (paper: [2, 4]); empty =
     # [scale]. The x2 model is exported as RUN_DIR/stage2, any other as RUN_DIR/stage2_x{s}.

@@ -232,6 +232,7 @@ class Stage2Model(nn.Module):
             zero-initialised, so training starts at the paper's model) computed from E's
             full-resolution features (``"features"``) or from those, G's output and the centre
             LR slice (``"refine"``).
+        residual_channels: width of the residual head (0 = ``cfg.channels[0]``).
     """
 
     FROZEN = ("quantizer", "decoder", "encoder_hat")
@@ -246,6 +247,7 @@ class Stage2Model(nn.Module):
         fidelity: float = 0.0,
         fidelity_blocks: int = 2,
         residual_head: str = "off",
+        residual_channels: int = 0,
     ):
         super().__init__()
         if fidelity < 0:
@@ -271,12 +273,12 @@ class Stage2Model(nn.Module):
         # beyond the paper (stage2.residual_head): a small CNN adding an image residual to G's
         # output; "refine" also sees G's output and the centre LR slice (2 more channels)
         self.residual_inputs = residual_head
-        c0 = cfg.channels[0]
+        c0, ch = cfg.channels[0], residual_channels or cfg.channels[0]
         extra = 2 if residual_head == "refine" else 0
         self.residual_head = (
-            nn.Sequential(ResBlock(c0 + extra, c0),
-                          *[ResBlock(c0, c0) for _ in range(max(fidelity_blocks, 1) - 1)],
-                          nn.SiLU(), nn.Conv2d(c0, 1, 3, padding=1))
+            nn.Sequential(ResBlock(c0 + extra, ch),
+                          *[ResBlock(ch, ch) for _ in range(max(fidelity_blocks, 1) - 1)],
+                          nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
             if residual_head != "off" else None
         )
         if self.residual_head is not None:
@@ -465,6 +467,7 @@ def build_stage2(cfg, stage1_model: nn.Module) -> Stage2Model:
         fidelity=cfg.stage2.fidelity,
         fidelity_blocks=cfg.stage2.fidelity_blocks,
         residual_head=cfg.stage2.residual_head,
+        residual_channels=cfg.stage2.residual_channels,
     )
     if init == "stage1":  # E starts as a trainable copy of Ê (Ê itself stays frozen)
         model.encoder.load_state_dict(s1.encoder_hat.state_dict())
