@@ -61,9 +61,11 @@ from serve.decoding import (
     TooLarge,
     check_content_length,
     check_finite,
+    decode_dicom_zip,
     decode_nifti,
     decode_slice,
     extract_multipart,
+    is_zip,
 )
 
 log = logging.getLogger("pgasr.serve")
@@ -101,7 +103,7 @@ SLICE_BYTES_PER_OUTPUT_PIXEL = 12  # per ongoing slice: SR, its denormalised cop
 
 # Media types per route; a missing Content-Type is accepted and the body is sniffed.
 VOLUME_TYPES = {"application/octet-stream", "application/gzip", "application/x-gzip",
-                "application/x-nifti", "application/nifti"}
+                "application/x-nifti", "application/nifti", "application/zip"}
 SLICE_TYPES = {"application/octet-stream", "application/x-npy", "application/npy", "image/png"}
 MULTIPART = "multipart/form-data"
 
@@ -590,7 +592,8 @@ class Service:
         self.volume_running = job.deadline
         try:
             job.deadline.check()
-            img = decode_nifti(body, self.caps, job.scale, job.deadline.check)
+            decode = decode_dicom_zip if is_zip(body) else decode_nifti  # a DICOM series .zip
+            img = decode(body, self.caps, job.scale, job.deadline.check)
             del body
             job.deadline.check()
             sr = self.predictor.predict_image(img, job.scale, progress=job.deadline.check)

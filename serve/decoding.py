@@ -17,6 +17,12 @@ What is bounded, and where (``docs/serve.md``):
 * ``.npy`` / PNG slices: shape (every dimension >= 1), pixels (``max_slice_pixels``), output
   pixels, dtype, and the byte count derived from the checked shape, before any data is read;
 * multipart: at most ``MAX_MULTIPART_PARTS`` parts, parsed in memory;
+* a DICOM series as a ``.zip`` (:func:`decode_dicom_zip`): at most ``MAX_DICOM_FILES`` members,
+  decided from the zip's directory before anything is decompressed (no encrypted members, the
+  declared sizes within what ``max_voxels`` voxels and their headers need; zipfile stops at
+  the declared size and checks the CRC); members are written under index names (never the
+  names in the archive); every slice's Rows x Columns is read from its header and the total
+  checked against ``max_voxels`` / ``max_output_voxels`` before pixel data is decoded;
 * outputs: :func:`check_finite` (NaN/inf is a 500 with a reason, never a 200).
 """
 
@@ -42,10 +48,12 @@ __all__ = [
     "check_finite",
     "check_output_size",
     "check_voxel_type",
+    "decode_dicom_zip",
     "decode_nifti",
     "decode_slice",
     "extract_multipart",
     "gunzip_nifti",
+    "is_zip",
     "nifti_needed_bytes",
 ]
 
@@ -57,6 +65,9 @@ MAX_GZIP_MEMBERS = 4096  # a .nii.gz has one; concatenated / bgzip'd files have 
 GZIP_PIECE_BYTES = 16 * 1024  # compressed bytes fed to zlib per call
 GZIP_CHECK_EVERY = 64  # zlib calls between two deadline checks
 MAX_MULTIPART_PARTS = 16
+MAX_DICOM_FILES = 4096  # members of a DICOM-series .zip (one file per slice)
+MAX_DICOM_HEADER_BYTES = 256 * 1024  # per member, beside its pixel data
+ZIP_MAGIC = b"PK\x03\x04"
 OUTPUT_VOXELS_PER_INPUT_VOXEL = 4  # serve.max_output_voxels=0: the x2 output of max_voxels
 GZIP_MAGIC = b"\x1f\x8b"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -365,6 +376,86 @@ def decode_nifti(data: bytes, limits: Limits, scale: int = 1, check: Check | Non
         raise InputError(f"not a usable NIfTI-1 image ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200]})") from None
     del raw
+    try:
+        check_volume(img.dataobj, "input", limits.max_voxels)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    _check_affine(img)
+    return img
+
+
+def is_zip(data: bytes) -> bool:
+    return data[:4] == ZIP_MAGIC
+
+
+def decode_dicom_zip(data: bytes, limits: Limits, scale: int = 1, check: Check | None = None):
+    """A ``.zip`` holding one DICOM series (Part-10 files, one per slice, any folder layout)
+    -> a validated 3-D NIfTI-1 image (RAS+, :func:`pgasr.dicom.read_dicom_series`: the same
+    conversion as ``pgasr sr`` on a series folder).
+
+    Raises:
+        TooLarge: too many members, declared sizes beyond what ``max_voxels`` needs, or more
+            voxels (input or output) than the limits.
+        InputError: not a zip, encrypted/corrupt members, no or several series, a series
+            that cannot be converted; with the reason.
+    """
+    import tempfile
+    import zipfile
+    from pathlib import Path
+
+    import pydicom
+
+    from pgasr.dicom import read_dicom_series
+
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        members = [m for m in zf.infolist() if not m.is_dir()]
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError) as e:
+        raise InputError(f"not a readable .zip ({e})") from None
+    if not members:
+        raise InputError("the .zip holds no files")
+    if len(members) > MAX_DICOM_FILES:
+        raise TooLarge(f"the .zip holds {len(members)} files; at most {MAX_DICOM_FILES} "
+                       "(one DICOM series, one file per slice)")
+    if any(m.flag_bits & 0x1 for m in members):
+        raise InputError("encrypted .zip members are not supported")
+    declared = sum(m.file_size for m in members)
+    cap = limits.max_voxels * limits.max_voxel_bytes + len(members) * MAX_DICOM_HEADER_BYTES
+    if declared > cap:
+        raise TooLarge(f"the .zip's files would decompress to {declared} bytes; at most "
+                       f"{cap} for {limits.max_voxels} voxels (serve.max_voxels)")
+    voxels = 0
+    with tempfile.TemporaryDirectory(prefix="pgasr-dicom-") as tmp:
+        for i, m in enumerate(members):
+            if check is not None:
+                check()
+            dst = Path(tmp) / f"{i:05d}.dcm"  # never a name from the archive
+            try:
+                with zf.open(m) as src, open(dst, "wb") as out:
+                    while chunk := src.read(1 << 20):
+                        out.write(chunk)
+            except (zipfile.BadZipFile, NotImplementedError, EOFError, zlib.error,
+                    RuntimeError) as e:
+                raise InputError(f".zip member {i}: cannot be extracted ({e})") from None
+            try:
+                ds = pydicom.dcmread(dst, stop_before_pixels=True)
+            except Exception:  # noqa: BLE001 - not DICOM (a README, a DICOMDIR...): skipped
+                dst.unlink()
+                continue
+            rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+            frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+            check_dims((rows, cols, frames), "DICOM slice")
+            voxels += rows * cols * frames
+            if voxels > limits.max_voxels:
+                raise TooLarge(f"the DICOM series has more than {limits.max_voxels} voxels "
+                               "(serve.max_voxels)")
+        check_output_size(voxels, scale, limits, "DICOM series")
+        try:
+            img = read_dicom_series(tmp)
+        except ValueError as e:
+            raise InputError(str(e).replace(tmp, "the .zip")) from None
+    from pgasr.volume import check_volume
+
     try:
         check_volume(img.dataobj, "input", limits.max_voxels)
     except ValueError as e:
