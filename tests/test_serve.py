@@ -905,6 +905,16 @@ def test_body_cap(served):
     assert resp.startswith(b"HTTP/1.1 413") and b'"too_large"' in resp
 
 
+def _zip_of(members: dict[str, bytes]) -> bytes:
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
 HTTP_BAD = {
     # name: (path, body, extra headers, expected status)
     "not_nifti": ("/v1/sr?scale=2", b"definitely not a volume" * 30, {}, 422),
@@ -940,6 +950,12 @@ HTTP_BAD = {
     "huge_output": ("/v1/sr?scale=2", _nii((np.random.default_rng(6).random((100, 100, 2)) * 100
                                            + 1).astype(np.float32)), {}, 413),
     "huge_output_claim": ("/v1/sr?scale=2", gzip.compress(_with_dims(RAW, [100, 100, 2])), {}, 413),
+    # a DICOM-series .zip: its declared sizes (8 MB of zeros, 8 kB on the wire) are refused
+    # before anything is decompressed; a .zip without DICOM is a 422
+    "zip_bomb": ("/v1/sr?scale=2", _zip_of({"x.dcm": bytes(8_000_000)}),
+                 {"Content-Type": "application/zip"}, 413),
+    "zip_not_dicom": ("/v1/sr?scale=2", _zip_of({"README.txt": b"hi"}),
+                      {"Content-Type": "application/zip"}, 422),
 }
 
 
@@ -951,7 +967,25 @@ def test_bad_input_is_json_4xx(served, case):
     assert _is_json_error(r, status), (r.status_code, r.text)
 
 
-BOUNDED_COST_KINDS = ["npy_bad_dims", "gzip_members", "short_body", "wide_type", "huge_output"]
+BOUNDED_COST_KINDS = ["npy_bad_dims", "gzip_members", "short_body", "wide_type", "huge_output",
+                      "dicom_zip"]
+
+
+def _hostile_zip(rng: random.Random) -> bytes:
+    """A .zip body that must be refused (Serve's DICOM-series input): a member declaring far
+    more bytes than max_voxels need (a zip bomb), a truncated archive, no DICOM inside,
+    escaping member names, garbage after the magic."""
+    kind = rng.choice(["bomb", "truncated", "not_dicom", "escaping", "garbage"])
+    if kind == "bomb":
+        return _zip_of({"x.dcm": bytes(rng.choice([2, 8, 32]) * 1_000_000)})
+    if kind == "truncated":
+        z = _zip_of({f"{i}.dcm": rng.randbytes(300) for i in range(4)})
+        return z[: rng.randrange(4, len(z) - 1)]
+    if kind == "not_dicom":
+        return _zip_of({"README.txt": b"hello", "a/b.dcm": rng.randbytes(500)})
+    if kind == "escaping":
+        return _zip_of({"../../../tmp/pgasr_evil.dcm": b"DICM" * 40, "/etc/x.dcm": b"x"})
+    return b"PK\x03\x04" + rng.randbytes(rng.randrange(0, 2000))
 
 
 def _bounded_cost_mutation(k: str, rng: random.Random, raw: bytes, gz: bytes,
@@ -976,6 +1010,9 @@ def _bounded_cost_mutation(k: str, rng: random.Random, raw: bytes, gz: bytes,
             body = _float128_nii(vol) if dtype is np.longdouble else _nii(vol.astype(dtype))
         else:
             body, path = _npy(vol[:, :, 0].astype(dtype)), "/v1/sr/slice?scale=2"
+    elif k == "dicom_zip":
+        body = _hostile_zip(rng)
+        hdr["Content-Type"] = rng.choice(["application/zip", "application/octet-stream"])
     else:  # huge_output: within max_voxels / max_slice_pixels, over max_output_voxels
         scale = 4 if x4 and rng.random() < 0.5 else 2
         path = f"/v1/sr?scale={scale}"
