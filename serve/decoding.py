@@ -338,6 +338,19 @@ def _check_affine(img) -> None:
         raise InputError("the image's affine is not invertible (zero voxel size?)")
 
 
+def _checked_volume(img, limits: Limits):
+    """``img`` when its data is a usable 3-D volume within ``max_voxels`` (finite, not
+    constant: :func:`pgasr.volume.check_volume`) with an invertible, finite affine."""
+    from pgasr.volume import check_volume
+
+    try:
+        check_volume(img.dataobj, "input", limits.max_voxels)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    _check_affine(img)
+    return img
+
+
 def _raw_nifti(data: bytes, limits: Limits, scale: int, check: Check | None) -> bytes:
     """The uncompressed header + data bytes of a NIfTI body (gzipped or not)."""
     if len(data) == 0:
@@ -365,7 +378,6 @@ def decode_nifti(data: bytes, limits: Limits, scale: int = 1, check: Check | Non
             constant, non-invertible affine, float128...), with the reason.
     """
     from pgasr.data.ixi import load_nifti_bytes
-    from pgasr.volume import check_volume
 
     raw = _raw_nifti(data, limits, scale, check)
     try:
@@ -376,12 +388,7 @@ def decode_nifti(data: bytes, limits: Limits, scale: int = 1, check: Check | Non
         raise InputError(f"not a usable NIfTI-1 image ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200]})") from None
     del raw
-    try:
-        check_volume(img.dataobj, "input", limits.max_voxels)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    _check_affine(img)
-    return img
+    return _checked_volume(img, limits)
 
 
 def is_zip(data: bytes) -> bool:
@@ -454,14 +461,7 @@ def decode_dicom_zip(data: bytes, limits: Limits, scale: int = 1, check: Check |
             img = read_dicom_series(tmp)
         except ValueError as e:
             raise InputError(str(e).replace(tmp, "the .zip")) from None
-    from pgasr.volume import check_volume
-
-    try:
-        check_volume(img.dataobj, "input", limits.max_voxels)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    _check_affine(img)
-    return img
+    return _checked_volume(img, limits)
 
 
 # --------------------------------------------------------------------------- slices
