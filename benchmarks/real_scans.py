@@ -195,14 +195,18 @@ def _panel(name: str, scale: int, imgs: dict[str, np.ndarray], scores: dict, out
 
 
 def check(ckpts: dict[int, Path], cnn_dir: Path | None, names: list[str], out: Path,
-          voxel_mm: float | None = None, seed: int = 0) -> dict:
+          voxel_mm: float | None = None, seed: int = 0, dat_dir: Path | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     first = next(iter(ckpts.values()))
     vox = voxel_mm or model_voxel_mm(first)
     cnn, cnn_info = load_cnn(cnn_dir) if cnn_dir else (None, None)
+    baselines = {"cnn": (cnn, cnn_info)}
+    if dat_dir:
+        baselines["dat"] = load_cnn(dat_dir)
     ck = load_checkpoint(first)
     results = {"checkpoints": {str(s): str(p) for s, p in ckpts.items()},
                "cnn": str(cnn_dir) if cnn_dir else None, "cnn_scale": (cnn_info or {}).get("scale"),
+               "dat": str(dat_dir) if dat_dir else None,
                "voxel_mm": vox, "degradation": ck.cfg.degradation.__dict__, "seed": seed,
                "inference": dict(ck.cfg.inference.__dict__),
                "volumes": {}}
@@ -237,15 +241,17 @@ def check(ckpts: dict[int, Path], cnn_dir: Path | None, names: list[str], out: P
                 imgs["pgasr"] = np.asarray(nib.load(sr_path).dataobj, dtype=np.float32)
                 row["pgasr"] = _scores(imgs["pgasr"], hr, bg, dr)
                 row["pgasr"]["seconds"] = time.perf_counter() - t0
-            if cnn is not None and (cnn_info or {}).get("scale") == scale:
-                imgs["cnn"] = cnn_predict_volume(cnn, lr, scale)
-                row["cnn"] = _scores(imgs["cnn"], hr, bg, dr)
+            for key, (model, info) in baselines.items():
+                if model is None or (info or {}).get("scale") != scale:
+                    continue
+                imgs[key] = cnn_predict_volume(model, lr, scale)
+                row[key] = _scores(imgs[key], hr, bg, dr)
                 # the same data-consistency step PGASR's inference applies, for a fair reading
                 inf = ck.cfg.inference
-                cnn_bp = back_project(torch.from_numpy(np.moveaxis(imgs["cnn"], 2, 0).copy()),
-                                      torch.from_numpy(np.moveaxis(lr, 2, 0).copy()),
-                                      inf.back_projection_steps, inf.back_projection_weight)
-                row["cnn_bp"] = _scores(np.moveaxis(cnn_bp.numpy(), 0, 2), hr, bg, dr)
+                bp = back_project(torch.from_numpy(np.moveaxis(imgs[key], 2, 0).copy()),
+                                  torch.from_numpy(np.moveaxis(lr, 2, 0).copy()),
+                                  inf.back_projection_steps, inf.back_projection_weight)
+                row[f"{key}_bp"] = _scores(np.moveaxis(bp.numpy(), 0, 2), hr, bg, dr)
             imgs.setdefault("cnn", bic)
             imgs.setdefault("pgasr", bic)
             row["figure"] = os.path.relpath(_panel(name, scale, imgs, row, out), out)
@@ -274,13 +280,14 @@ def to_markdown(r: dict, fig_prefix: str = "") -> str:
          "|---|---|---|---|---|---|---|"]
     for name, v in r["volumes"].items():
         for s, row in v["scales"].items():
-            for m in ("bicubic", "cnn", "cnn_bp", "pgasr"):
+            for m in ("bicubic", "cnn", "cnn_bp", "dat", "dat_bp", "pgasr"):
                 if m not in row:
                     continue
                 x = row[m]
                 bg = "-" if x["bg_abs_err"] is None else f"{x['bg_abs_err']:.2f}"
                 label = {"bicubic": "bicubic", "cnn": "residual CNN",
-                         "cnn_bp": "residual CNN + back-projection", "pgasr": "**PGASR**"}[m]
+                         "cnn_bp": "residual CNN + back-projection", "dat": "DAT",
+                         "dat_bp": "DAT + back-projection", "pgasr": "**PGASR**"}[m]
                 L.append(f"| {name} | x{s} | {label} | {x['psnr']:.2f} | {x['ssim']:.4f} | {bg} | "
                          f"{x['mean_ratio']:.3f} |")
     L.append("")
@@ -299,6 +306,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True, help="stage-2 checkpoint (x2, or its scale)")
     p.add_argument("--checkpoint-x4", help="stage-2 checkpoint for x4")
     p.add_argument("--cnn", help="residual CNN directory (runs/demo/baseline_cnn)")
+    p.add_argument("--dat", help="DAT baseline directory (runs/demo/baseline_dat, from "
+                                 "jobs/pipeline.py --baselines cnn,dat)")
     p.add_argument("--volumes", nargs="+", default=list(SOURCES), choices=list(SOURCES))
     p.add_argument("--voxel-mm", type=float, help="override the model's training voxel size")
     p.add_argument("--out", default=str(OUT))
@@ -308,7 +317,8 @@ def main(argv=None) -> int:
     ckpts = {int(ck.meta.get("scales", [ck.cfg.stage2.scale])[0]): Path(a.checkpoint)}
     if a.checkpoint_x4:
         ckpts[4] = Path(a.checkpoint_x4)
-    check(ckpts, Path(a.cnn) if a.cnn else None, a.volumes, Path(a.out), a.voxel_mm)
+    check(ckpts, Path(a.cnn) if a.cnn else None, a.volumes, Path(a.out), a.voxel_mm,
+          dat_dir=Path(a.dat) if a.dat else None)
     return 0
 
 

@@ -105,18 +105,23 @@ def _report(cfg, timings: dict, eval_res: dict, sr_path: Path, hr_path: Path, lr
 
 def _baseline_lines(b: dict) -> list[str]:
     p, q = b["psnr"], b["ssim"]
+    runs = b.get("baselines") or {"cnn": {"seconds": b["seconds"], "steps": b["steps"]}}
+    what = {"cnn": "the residual CNN (`pgasr.baseline.ResidualCNN`, 9 conv layers)",
+            "dat": "DAT (`pgasr.baseline.DATSR`)"}
+    trained = "; ".join(f"{what[a]} {r['seconds']:.0f} s ({r['steps']} steps)"
+                        for a, r in runs.items())
     return [
-        f"Same test slices, per-slice PSNR / SSIM (HR range of each slice); the residual CNN "
-        f"(`pgasr.baseline.ResidualCNN`, 9 conv layers, L1) trained {b['seconds']:.0f} s "
-        f"({b['steps']} steps; PGASR's stages 1 + 2 took "
-        f"{b.get('pgasr_train_seconds') or float('nan'):.0f} s in this run):",
+        f"Same test slices, per-slice PSNR / SSIM (HR range of each slice); L1-trained "
+        f"baselines at equal wall time: {trained}; PGASR's stages 1 + 2 took "
+        f"{b.get('pgasr_train_seconds') or float('nan'):.0f} s in this run:",
         "",
         "| method | PSNR (dB) | SSIM | gain over bicubic (dB) |",
         "|---|---:|---:|---:|",
         *[f"| {m} | {p[m]:.2f} | {q[m]:.4f} | {p[m] - p['bicubic']:+.2f} |"
-          for m in ("bicubic", "residual_cnn", "residual_cnn_bp", "pgasr") if m in p],
+          for m in ("bicubic", "residual_cnn", "residual_cnn_bp", "dat", "dat_bp", "pgasr")
+          if m in p],
         "",
-        "`residual_cnn_bp` is the CNN followed by the back-projection PGASR's inference applies "
+        "`*_bp`: the baseline followed by the back-projection PGASR's inference applies "
         "(`inference.back_projection_steps`).",
         "",
     ]
@@ -132,7 +137,8 @@ def _at_scale(cfg, scale: int):
 
 
 def run_pipeline(cfg, address=None, from_step: str = "prepare",
-                 baseline_seconds: float | None = None) -> dict:
+                 baseline_seconds: float | None = None,
+                 baselines: tuple[str, ...] = ("cnn",)) -> dict:
     from jobs.evaluate import run_evaluate
     from jobs.prepare import run_prepare
     from jobs.priors import run_priors
@@ -140,6 +146,11 @@ def run_pipeline(cfg, address=None, from_step: str = "prepare",
 
     if from_step not in STEPS:
         raise ValueError(f"--from-stage must be one of {STEPS}")
+    from pgasr.baseline import BASELINES
+
+    if not baselines or any(b not in BASELINES for b in baselines):
+        raise ValueError(f"--baselines must be a comma-separated subset of "
+                         f"{', '.join(BASELINES)}, got {','.join(baselines) or 'nothing'}")
     init_ray(address, cfg)
     out = Path(cfg.run_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +192,7 @@ def run_pipeline(cfg, address=None, from_step: str = "prepare",
                              "did not run in this invocation")
         baseline = timed("baseline", compare_with_pgasr, str(out / stage_dirname(2, scale)),
                          str(data_dir(cfg)), scale, seconds=budget, seed=cfg.seed,
-                         save_to=str(out / "baseline_cnn"))
+                         save_to=str(out / "baseline_cnn"), baselines=tuple(baselines))
         baseline["pgasr_train_seconds"] = pgasr_s or None
         (out / "baseline.json").write_text(json.dumps(baseline, indent=1))
         print("same test slices, PSNR: " + ", ".join(
@@ -224,7 +235,8 @@ def run_pipeline(cfg, address=None, from_step: str = "prepare",
 
 def main(args) -> int:
     t0 = time.perf_counter()
-    res = run_pipeline(load(args), args.address, args.from_stage, args.baseline_seconds)
+    res = run_pipeline(load(args), args.address, args.from_stage, args.baseline_seconds,
+                       tuple(b for b in args.baselines.split(",") if b))
     ev = res.get("eval")
     if ev:
         print(f"\nPGASR vs bicubic on the test split: {ev.get('gain_db', 0):+.2f} dB PSNR, "
@@ -238,5 +250,8 @@ if __name__ == "__main__":
     p.add_argument("--from-stage", default="prepare", choices=STEPS,
                    help="start at this step (earlier outputs must exist)")
     p.add_argument("--baseline-seconds", type=float, default=None,
-                   help="wall time of the residual-CNN baseline (default: that of stages 1 + 2)")
+                   help="wall time of each baseline (default: that of stages 1 + 2)")
+    p.add_argument("--baselines", default="cnn",
+                   help="comma-separated baselines trained at equal wall time: cnn, dat "
+                        "(each gets the full budget)")
     run_job(main, p)

@@ -1,13 +1,21 @@
-"""A plain residual CNN super-resolver: the yardstick PGASR has to beat at equal budget.
+"""Baselines PGASR has to beat at equal budget, trained by one loop on the same data.
 
-VDSR-style (Kim et al., CVPR 2016, shallower): the bicubic-upsampled centre LR slice goes
-through ``depth`` 3x3 conv + ReLU layers and the output is added back to the input, trained
-with L1. No priors, no codebook, no neighbours. If PGASR cannot beat this at the same CPU
-budget, something in the codebook pipeline is the bottleneck (see docs/model.md).
+- ``cnn``: a plain residual CNN, VDSR-style (Kim et al., CVPR 2016, shallower): the
+  bicubic-upsampled centre LR slice goes through ``depth`` 3x3 conv + ReLU layers and the
+  output is added back to the input. If PGASR cannot beat this at the same CPU budget,
+  something in the codebook pipeline is the bottleneck (see docs/model.md).
+- ``dat``: the paper's strongest competitor, a DAT network (Chen et al., ICCV 2023: residual
+  groups of alternating spatial-window / channel self-attention blocks with SGFN), built from
+  the same :class:`pgasr.models.dat.DATStage` PGASR's encoder uses, at a CPU width. It works
+  on the bicubic-upsampled slice with a global residual, like the CNN (DAT itself upsamples
+  at its end with a pixel shuffle; here both baselines and PGASR see the same input).
+
+Both are trained with L1 on the centre slices; no priors, no codebook, no neighbours.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Mapping
@@ -23,8 +31,8 @@ from pgasr.data.batches import iter_batches, to_lr_units
 from pgasr.metrics import psnr, ssim
 from pgasr.runtime import tune_allocator
 
-__all__ = ["ResidualCNN", "cnn_predict_volume", "evaluate_baseline", "load_cnn", "save_cnn",
-           "train_baseline"]
+__all__ = ["BASELINES", "DATSR", "ResidualCNN", "build_baseline", "cnn_predict_volume",
+           "evaluate_baseline", "load_cnn", "save_cnn", "train_baseline"]
 
 
 class ResidualCNN(nn.Module):
@@ -51,6 +59,60 @@ class ResidualCNN(nn.Module):
         """(B, 1, H, W) bicubic-upsampled LR -> (B, 1, H, W) SR."""
         return lr_up + self.body(lr_up)
 
+    @property
+    def arch(self) -> dict:
+        """What :func:`build_baseline` needs to rebuild it."""
+        return {"arch": "cnn", "depth": sum(isinstance(m, nn.Conv2d) for m in self.body),
+                "width": self.body[0].out_channels}
+
+
+class DATSR(nn.Module):
+    """DAT at a CPU width: conv -> ``groups`` DAT residual groups -> conv, + the input.
+
+    Args:
+        dim: channels inside the groups.
+        groups: residual groups (:class:`pgasr.models.dat.DATStage`).
+        depth: transformer blocks per group (alternating spatial / channel attention).
+        num_heads: attention heads; window_size: spatial window side.
+
+    Shapes: (B, 1, H, W) bicubic-upsampled LR -> (B, 1, H, W), any H, W. The output conv is
+    zero-initialised, so training starts at bicubic, as the CNN's does.
+    """
+
+    def __init__(self, dim: int = 32, groups: int = 2, depth: int = 2, num_heads: int = 2,
+                 window_size: int = 8):
+        super().__init__()
+        from pgasr.models.dat import DATStage
+
+        self._arch = {"arch": "dat", "dim": dim, "groups": groups, "depth": depth,
+                      "num_heads": num_heads, "window_size": window_size}
+        self.conv_in = nn.Conv2d(1, dim, 3, padding=1)
+        self.groups = nn.Sequential(*[DATStage(dim, dim, num_heads, window_size, depth,
+                                               stage_index=i) for i in range(groups)])
+        self.conv_mid = nn.Conv2d(dim, dim, 3, padding=1)
+        self.conv_out = nn.Conv2d(dim, 1, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, lr_up: torch.Tensor) -> torch.Tensor:
+        f = self.conv_in(lr_up)
+        return lr_up + self.conv_out(f + self.conv_mid(self.groups(f)))
+
+    @property
+    def arch(self) -> dict:
+        return dict(self._arch)
+
+
+BASELINES = {"cnn": ResidualCNN, "dat": DATSR}
+BASELINE_NAMES = {"cnn": "residual_cnn", "dat": "dat"}  # their keys in compare_with_pgasr
+
+
+def build_baseline(arch: str = "cnn", **kw) -> nn.Module:
+    """A fresh baseline by name (``cnn`` / ``dat``), with its keyword arguments."""
+    if arch not in BASELINES:
+        raise ValueError(f"unknown baseline {arch!r}; choose from {', '.join(BASELINES)}")
+    return BASELINES[arch](**kw)
+
 
 def _centre(rows: Mapping[str, np.ndarray], scale: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(lr_up, hr) centre slices in the LR volume's units, as PGASR's stage 2 sees them."""
@@ -65,12 +127,13 @@ def _centre(rows: Mapping[str, np.ndarray], scale: int) -> tuple[torch.Tensor, t
 def train_baseline(
     train: Mapping[str, np.ndarray], scale: int, *, seconds: float | None = None,
     epochs: int = 10, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
-    depth: int = 9, width: int = 48,
-) -> tuple[ResidualCNN, dict]:
-    """Train on in-memory rows for ``epochs`` or until ``seconds`` of wall time pass."""
+    depth: int = 9, width: int = 48, arch: str = "cnn",
+) -> tuple[nn.Module, dict]:
+    """Train on in-memory rows for ``epochs`` or until ``seconds`` of wall time pass.
+    ``arch``: ``cnn`` (``depth`` x ``width``) or ``dat`` (:class:`DATSR` defaults)."""
     tune_allocator()  # the same process settings as PGASR's training (pgasr.runtime)
     torch.manual_seed(seed)
-    model = ResidualCNN(depth, width)
+    model = ResidualCNN(depth, width) if arch == "cnn" else build_baseline(arch)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     t0, steps = time.perf_counter(), 0
     for epoch in range(epochs):
@@ -105,33 +168,39 @@ def evaluate_baseline(model: nn.Module, rows: Mapping[str, np.ndarray], scale: i
     return {k: float(torch.cat(v).mean()) for k, v in out.items()}
 
 
-def save_cnn(model: ResidualCNN, out_dir: str | Path, info: dict) -> Path:
-    """Weights (``cnn.pt``, a plain state dict) + ``cnn.json`` (architecture, scale, budget)."""
-    from pgasr.provenance import atomic_write_text
+def save_cnn(model: nn.Module, out_dir: str | Path, info: dict) -> Path:
+    """Weights (``cnn.pt``, a plain state dict) + ``cnn.json`` (architecture, scale, budget);
+    for either baseline (the names are kept for directories written before ``dat``)."""
+    from pgasr.provenance import atomic_write_bytes, atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    depth = sum(isinstance(m, nn.Conv2d) for m in model.body)
-    width = model.body[0].out_channels
-    torch.save(model.state_dict(), out / "cnn.pt")
-    atomic_write_text(out / "cnn.json", json.dumps({"depth": depth, "width": width, **info},
-                                                   indent=1, default=str))
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    atomic_write_bytes(out / "cnn.pt", buf.getvalue())
+    atomic_write_text(out / "cnn.json", json.dumps({**model.arch, **info}, indent=1,
+                                                   default=str))
     return out
 
 
-def load_cnn(path: str | Path) -> tuple[ResidualCNN, dict]:
-    """A CNN saved by :func:`save_cnn` (weights loaded without pickle)."""
+def load_cnn(path: str | Path) -> tuple[nn.Module, dict]:
+    """A baseline saved by :func:`save_cnn` (weights loaded without pickle)."""
     p = Path(path)
     if not (p / "cnn.json").is_file() or not (p / "cnn.pt").is_file():
-        raise FileNotFoundError(f"{p} holds no residual CNN (cnn.pt + cnn.json)")
+        raise FileNotFoundError(f"{p} holds no baseline model (cnn.pt + cnn.json)")
     info = json.loads((p / "cnn.json").read_text())
-    model = ResidualCNN(int(info["depth"]), int(info["width"]))
+    arch = info.get("arch", "cnn")
+    if arch == "cnn":
+        model = ResidualCNN(int(info["depth"]), int(info["width"]))
+    else:
+        model = build_baseline(arch, **{k: info[k] for k in ("dim", "groups", "depth",
+                                                             "num_heads", "window_size")})
     model.load_state_dict(torch.load(p / "cnn.pt", map_location="cpu", weights_only=True))
     return model.eval(), info
 
 
 @torch.no_grad()
-def cnn_predict_volume(model: ResidualCNN, lr_volume: np.ndarray, scale: int,
+def cnn_predict_volume(model: nn.Module, lr_volume: np.ndarray, scale: int,
                        head_threshold: float = 0.1) -> np.ndarray:
     """SR of an (x, y, z) LR volume with the intensity contract PGASR uses
     (:mod:`pgasr.intensity`: units from the LR volume's statistics), in the input's units."""
@@ -146,12 +215,17 @@ def cnn_predict_volume(model: ResidualCNN, lr_volume: np.ndarray, scale: int,
 
 
 def compare_with_pgasr(checkpoint: str, data_dir: str, scale: int, *, seconds: float,
-                       batch_size: int = 16, seed: int = 0, save_to: str | None = None) -> dict:
-    """The issue's yardstick: a :class:`ResidualCNN` trained for ``seconds`` of wall time on
-    the same training split, then PGASR (``checkpoint``, a stage-2 directory), the CNN and
-    bicubic scored on the *same* test slices with the same metric (per-slice HR range).
+                       batch_size: int = 16, seed: int = 0, save_to: str | None = None,
+                       baselines: tuple[str, ...] = ("cnn",)) -> dict:
+    """The issue's yardstick: each baseline (``cnn``, ``dat``) trained for ``seconds`` of wall
+    time on the same training split, then PGASR (``checkpoint``, a stage-2 directory), the
+    baselines and bicubic scored on the *same* test slices with the same metric (per-slice HR
+    range). ``save_to``: the CNN's directory; another baseline goes beside it
+    (``baseline_cnn`` -> ``baseline_dat``).
 
-    Returns ``{"seconds", "steps", "slices", "psnr": {method: mean}, "ssim": {method: mean}}``.
+    Returns ``{"seconds", "steps", "slices", "psnr": {method: mean}, "ssim": {method: mean},
+    "baselines": {arch: {"seconds", "steps", "epochs"}}}`` (``seconds``/``steps``: the first
+    baseline's).
     """
     from pgasr.consistency import back_project
     from pgasr.data.batches import read_split
@@ -160,11 +234,20 @@ def compare_with_pgasr(checkpoint: str, data_dir: str, scale: int, *, seconds: f
     cols = [schema.HR, schema.lr_column(scale), schema.lr_norm_column(scale)]
     train = read_split(data_dir, "train", cols)
     test = read_split(data_dir, "test")
-    cnn, info = train_baseline(train, scale, seconds=seconds, epochs=10**6,
-                               batch_size=batch_size, seed=seed)
-    cnn.eval()
-    if save_to:
-        save_cnn(cnn, save_to, {"scale": scale, "data": str(data_dir), **info})
+    unknown = [a for a in baselines if a not in BASELINES]
+    if unknown or not baselines:
+        raise ValueError(f"baselines must be among {', '.join(BASELINES)}, got {baselines}")
+    models, infos = {}, {}
+    for arch in baselines:
+        models[arch], infos[arch] = train_baseline(train, scale, seconds=seconds, epochs=10**6,
+                                                   batch_size=batch_size, seed=seed, arch=arch)
+        models[arch].eval()
+        if save_to:
+            dest = Path(save_to)
+            if arch != "cnn":
+                dest = dest.with_name(dest.name.replace("cnn", arch) if "cnn" in dest.name
+                                      else f"{dest.name}_{arch}")
+            save_cnn(models[arch], dest, {"scale": scale, "data": str(data_dir), **infos[arch]})
     pred = Predictor.from_checkpoint(checkpoint, device="cpu")
     inf = pred.cfg.inference
     prior_col = schema.prior_lr_column(scale)
@@ -176,14 +259,19 @@ def compare_with_pgasr(checkpoint: str, data_dir: str, scale: int, *, seconds: f
             sr = torch.from_numpy(pred.predict_triplets(
                 lr, scale, b[prior_col] if prior_col in b else None))[:, None]
             dr = (hr.flatten(1).max(1).values - hr.flatten(1).min(1).values).clamp_min(1e-6)
-            c = cnn(lr_up)
-            # the CNN with PGASR's data-consistency step too, so that step is not what decides
-            c_bp = back_project(c[:, 0], torch.from_numpy(np.ascontiguousarray(lr[:, 1])),
-                                inf.back_projection_steps, inf.back_projection_weight)[:, None]
-            for name, img in (("bicubic", lr_up), ("residual_cnn", c),
-                              ("residual_cnn_bp", c_bp), ("pgasr", sr)):
+            imgs = [("bicubic", lr_up)]
+            for arch, model in models.items():
+                c = model(lr_up)
+                # with PGASR's data-consistency step too, so that step is not what decides
+                c_bp = back_project(c[:, 0], torch.from_numpy(np.ascontiguousarray(lr[:, 1])),
+                                    inf.back_projection_steps, inf.back_projection_weight)
+                imgs += [(BASELINE_NAMES[arch], c), (f"{BASELINE_NAMES[arch]}_bp", c_bp[:, None])]
+            for name, img in (*imgs, ("pgasr", sr)):
                 scores["psnr"].setdefault(name, []).append(psnr(img, hr, dr))
                 scores["ssim"].setdefault(name, []).append(ssim(img, hr, dr))
     out = {k: {m: float(torch.cat(v).mean()) for m, v in d.items()} for k, d in scores.items()}
-    return {"seconds": info["seconds"], "steps": info["steps"],
-            "slices": int(len(test[schema.HR])), **out}
+    first = infos[baselines[0]]
+    return {"seconds": first["seconds"], "steps": first["steps"],
+            "slices": int(len(test[schema.HR])), **out,
+            "baselines": {a: {k: infos[a][k] for k in ("seconds", "steps", "epochs")}
+                          for a in baselines}}

@@ -41,10 +41,40 @@ def test_stage1_learns_and_stage2_beats_bicubic(tmp_path):
     # the demo's yardstick: residual CNN, PGASR and bicubic on the same test slices
     from pgasr.baseline import compare_with_pgasr
 
-    cmp = compare_with_pgasr(str(tmp_path / "s2"), cfg.data.prepared_dir, 2, seconds=5)
+    cmp = compare_with_pgasr(str(tmp_path / "s2"), cfg.data.prepared_dir, 2, seconds=4,
+                             baselines=("cnn", "dat"), save_to=str(tmp_path / "baseline_cnn"))
     print("same test slices:", cmp["psnr"])
     assert cmp["steps"] > 0 and cmp["slices"] == cfg.data.slices_per_volume * cfg.data.test_subjects
     assert set(cmp["psnr"]) == set(cmp["ssim"]) == {"bicubic", "residual_cnn", "residual_cnn_bp",
-                                                     "pgasr"}
+                                                     "dat", "dat_bp", "pgasr"}
+    assert set(cmp["baselines"]) == {"cnn", "dat"} and cmp["baselines"]["dat"]["steps"] > 0
+    assert (tmp_path / "baseline_dat" / "cnn.json").is_file()  # beside the CNN's directory
     assert all(10 < v < 60 for v in cmp["psnr"].values())
     assert cmp["psnr"]["residual_cnn"] > cmp["psnr"]["bicubic"] - 0.05  # starts as bicubic
+
+
+def test_dat_baseline_starts_at_bicubic_trains_and_round_trips(tmp_path):
+    """The paper's strongest competitor as a baseline (``dat``): identity at init (zero output
+    conv), trained by the same loop as the CNN, saved and reloaded without pickle."""
+    import numpy as np
+    import torch
+
+    from pgasr.baseline import DATSR, build_baseline, load_cnn, save_cnn, train_baseline
+    from pgasr.data import schema
+
+    x = torch.randn(2, 1, 20, 28)
+    assert torch.equal(DATSR()(x), x)
+    with pytest.raises(ValueError, match="unknown baseline 'swinir'"):
+        build_baseline("swinir")
+    rng = np.random.default_rng(0)
+    hr = rng.random((8, 3, 24, 24)).astype(np.float32)
+    rows = {schema.HR: hr, schema.lr_column(2): hr[:, :, ::2, ::2].copy(),
+            schema.lr_norm_column(2): np.tile([[0.0, 1.0]], (8, 1)).astype(np.float32)}
+    model, info = train_baseline(rows, 2, epochs=2, batch_size=4, arch="dat")
+    assert info["steps"] == 4 and isinstance(model, DATSR)
+    assert float(model.conv_out.weight.abs().sum()) > 0  # it trained
+    save_cnn(model, tmp_path / "dat", {"scale": 2, **info})
+    back, meta = load_cnn(tmp_path / "dat")
+    assert meta["arch"] == "dat" and isinstance(back, DATSR)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model.eval()(x))

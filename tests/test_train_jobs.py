@@ -127,3 +127,14 @@ def test_each_scale_has_its_own_run_and_checkpoint(tmp_path, monkeypatch):
     assert cfg.stage2.scale == 2 and x4_cfg.stage2.scale == 4  # the caller's config untouched
     with pytest.raises(ConfigError, match="needs x4 in data.scales"):
         tiny_cfg(tmp_path, "stage2.scales=[2, 4]", "data.scales=[2]")
+
+
+def test_pipeline_refuses_unknown_baselines_before_any_work(tmp_path, monkeypatch):
+    """``--baselines`` is checked before Ray starts or anything trains (a typo found after
+    half an hour of training is a lost half hour)."""
+    import jobs.pipeline as P
+
+    monkeypatch.setattr(P, "init_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    with pytest.raises(ValueError, match="--baselines must be a comma-separated subset of "
+                                         "cnn, dat, got cnn,swinir"):
+        P.run_pipeline(tiny_cfg(tmp_path), baselines=("cnn", "swinir"))
