@@ -58,7 +58,8 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not ray and not slow" $(PYTEST_ARGS)
 
 # Tables 1-3 + Figs. 1/4 vs the paper (pgasr/report.py): ~15 min per seed on 2 idle CPU cores
-# (3 seeds ~46 min; 102 min measured while a test suite shared the cores); writes
+# measured with the residual CNN capped at 120 s; it now trains as long as PGASR's stages
+# 1 + 2 of the full row (equal budget), which adds that time per seed and scale; writes
 # benchmarks/results/bench/{results.json,*.png} and docs/results.md. BENCH_ARGS="--quick" for
 # one seed and three rows; BENCH_ARGS="--render-only" re-renders the Markdown from the JSON.
 BENCH_ARGS ?=
