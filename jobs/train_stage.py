@@ -3,8 +3,9 @@
 
 The worker loop is a thin adapter over :func:`pgasr.training.fit`: Ray Data shards feed it
 (``get_dataset_shard("train")``, shuffled per epoch, equal split so DDP ranks run the same
-number of steps), ``prepare_model`` wraps DDP, and ``ray.train.report`` carries a
-self-describing checkpoint from rank 0 every epoch.
+number of steps; the small validation split is read by rank 0 straight from its Parquet
+shards), ``prepare_model`` wraps DDP, and ``ray.train.report`` carries a self-describing
+checkpoint from rank 0 every epoch.
 
 Fault tolerance (Train V2): ``FailureConfig(max_failures)`` restarts workers from the latest
 reported checkpoint; re-running the job with the same ``RunConfig(name, storage_path)``
@@ -128,13 +129,13 @@ def _train_loop(config: dict) -> None:
                      rank, len(next(iter(cache["rows"].values()))), nbytes / 2**20)
 
     val_rows = None
-    if rank == 0 and config.get("has_val"):
-        val = ray.train.get_dataset_shard("val")
-        parts = list(val.iter_batches(batch_size=256, batch_format="numpy"))
-        if parts:
-            import numpy as np
+    if rank == 0 and config.get("val_dir"):
+        # the validation split is small and only rank 0 reads it: straight from its Parquet
+        # shards (as train-local does), not through a Ray Data execution of its own (seconds
+        # of task start-up per run on a small cluster)
+        from pgasr.data.batches import read_split
 
-            val_rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        val_rows = read_split(config["val_dir"], "val", config["columns"])
 
     def report(metrics: dict, ckpt_dir: Path | None) -> None:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -198,9 +199,7 @@ def make_trainer(stage: int, cfg: RunConfig, *, name: str | None = None,
         raise FileNotFoundError(f"no training shards in {src / 'train'}")
     columns = stage_columns(stage, cfg.stage2.scale, cfg.model.acg, train_files[0])
     datasets = {"train": ray.data.read_parquet(train_files).select_columns(columns)}
-    val_files = sorted(str(p) for p in (src / "val").glob("*.parquet"))
-    if val_files:
-        datasets["val"] = ray.data.read_parquet(val_files).select_columns(columns)
+    has_val = any((src / "val").glob("*.parquet"))
     meta = {"prior": build_prior(cfg.prior).describe() if cfg.model.acg else None,
             "data_manifest_sha256": sha256_file(src / schema.MANIFEST), "data_dir": str(src),
             **data_meta(src)}
@@ -221,7 +220,8 @@ def make_trainer(stage: int, cfg: RunConfig, *, name: str | None = None,
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"cfg": config_to_dict(cfg), "stage": stage, "meta": meta,
-                           "stage1_checkpoint": stage1_ckpt, "has_val": bool(val_files),
+                           "stage1_checkpoint": stage1_ckpt, "columns": columns,
+                           "val_dir": str(src.resolve()) if has_val else None,
                            "threads": res.torch_threads or max(1, int(res.cpus_per_worker))},
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker={"CPU": res.cpus_per_worker}),
