@@ -275,6 +275,23 @@ class Predictor:
                  "grid", *got, want)
         return volume_image(data, affine, img), info
 
+    def model_grid_shape(self, img: nib.Nifti1Image, scale: int) -> tuple[int, int, int]:
+        """The shape :meth:`to_model_grid` gives ``img``, from its shape and affine alone
+        (nothing is resampled): what a service checks against its voxel caps first."""
+        shape, affine = tuple(int(n) for n in img.shape[:3]), np.asarray(img.affine, float)
+        ornt = nib.orientations.io_orientation(affine)
+        if int(ornt[2, 0]) != 2:  # as_closest_canonical: array axis j becomes axis ornt[j, 0]
+            order = np.argsort(ornt[:, 0])
+            shape = tuple(shape[j] for j in order)
+            affine = np.c_[affine[:3, :3][:, order], affine[:3, 3]]
+        want = self.lr_voxel_size(scale)
+        if want is None:
+            return shape
+        got = np.linalg.norm(affine[:3, :2], axis=0)
+        if np.all(np.abs(got / want - 1) <= 0.01):
+            return shape
+        return (*(max(1, int(round(n / (want / g)))) for n, g in zip(shape[:2], got)), shape[2])
+
     def predict_image(self, img: nib.Nifti1Image, scale: int, progress=None,
                       resample: bool = False) -> nib.Nifti1Image:
         """NIfTI in, NIfTI out: header kept, shape/affine/zooms updated.
@@ -339,6 +356,12 @@ class PredictorSet:
     def predict_image(self, img: nib.Nifti1Image, scale: int, progress=None,
                       resample: bool = False) -> nib.Nifti1Image:
         return self._for(scale).predict_image(img, scale, progress, resample)
+
+    def model_grid_shape(self, img: nib.Nifti1Image, scale: int) -> tuple[int, int, int]:
+        return self._for(scale).model_grid_shape(img, scale)
+
+    def to_model_grid(self, img: nib.Nifti1Image, scale: int) -> tuple[nib.Nifti1Image, dict]:
+        return self._for(scale).to_model_grid(img, scale)
 
 
 def _inplane_orientation(affine: np.ndarray):

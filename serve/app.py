@@ -11,8 +11,9 @@ Nothing starts at import time.
 One deployment, :class:`PGASRServer`, is both the FastAPI ingress and the model holder (no
 second hop for volumes that can be hundreds of MB). Routes (``docs/serve.md``):
 
-* ``POST /v1/sr?scale=2[&contrast=T1w]`` .nii/.nii.gz body (raw or multipart field ``file``) -> SR
-  volume as .nii.gz; exactly ``Predictor.predict_image``, the code path of ``pgasr sr``.
+* ``POST /v1/sr?scale=2[&contrast=T1w][&resample=true]`` .nii/.nii.gz or DICOM-series .zip
+  body (raw or multipart field ``file``) -> SR volume as .nii.gz; exactly
+  ``Predictor.predict_image``, the code path of ``pgasr sr``.
 * ``POST /v1/sr/slice?scale=2``  2-D ``.npy``/PNG slice or a (3, h, w) ``.npy`` triplet -> SR
   slice as ``.npy``; slices of concurrent requests share ``@serve.batch`` batches.
 * ``GET /v1/model``              ``Predictor.describe()`` plus the service limits.
@@ -34,6 +35,7 @@ import hashlib
 import hmac
 import io
 import logging
+import math
 import os
 import re
 import sys
@@ -61,6 +63,7 @@ from serve.decoding import (
     TooLarge,
     check_content_length,
     check_finite,
+    check_output_size,
     decode_dicom_zip,
     decode_nifti,
     decode_slice,
@@ -444,6 +447,7 @@ class VolumeJob:
     body: bytes | None
     scale: int
     deadline: Deadline
+    resample: bool = False  # ?resample=true: to the model's grid first, as pgasr sr does
 
 
 class _GzipSink(io.RawIOBase):
@@ -596,12 +600,25 @@ class Service:
             img = decode(body, self.caps, job.scale, job.deadline.check)
             del body
             job.deadline.check()
+            if job.resample:
+                img = self.to_model_grid(img, job.scale)
             sr = self.predictor.predict_image(img, job.scale, progress=job.deadline.check)
             del img
             job.deadline.check()
             return encode_volume(sr)
         finally:
             self.volume_running = None
+
+    def to_model_grid(self, img, scale: int):
+        """``img`` on the model's grid (``pgasr sr``'s default), its size checked against
+        the voxel caps from the header before anything is resampled."""
+        shape = self.predictor.model_grid_shape(img, scale)
+        n = math.prod(shape)
+        if n > self.caps.max_voxels:
+            raise TooLarge(f"on the model's grid this volume would have {n} voxels {shape}; "
+                           f"the limit is {self.caps.max_voxels} (serve.max_voxels)")
+        check_output_size(n, scale, self.caps, "volume on the model's grid")
+        return self.predictor.to_model_grid(img, scale)[0]
 
     def health_problem(self) -> str | None:
         """Why this replica should be replaced (None: healthy): an executor shut down, or the
@@ -803,8 +820,9 @@ def make_api(svc: Service) -> FastAPI:
 
     @app.post("/v1/sr")
     async def sr_volume(request: Request):
-        async with v1_call(request, VOLUME_TYPES, slots=svc.volume_slots) as call:
-            job = VolumeJob(call.body, call.scale, call.deadline)
+        async with v1_call(request, VOLUME_TYPES, {"resample": False},
+                           slots=svc.volume_slots) as call:
+            job = VolumeJob(call.body, call.scale, call.deadline, call.flags["resample"])
             call.body = b""
 
             def drop_body() -> None:

@@ -129,3 +129,17 @@ def test_sr_cli_rejects_bad_input(ckpt_dir, tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert "error" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_model_grid_shape_is_what_to_model_grid_gives(tmp_path):
+    """The header-only shape Serve checks against its caps equals the grid ``pgasr sr``
+    resamples to: axial, anisotropic, sagittal and coronal inputs."""
+    p = Predictor.from_checkpoint(
+        make_tiny_checkpoint(tmp_path / "ck", extra_meta={"voxel_size": [1.0, 1.0, 1.0]}),
+        device="cpu")
+    rng = np.random.default_rng(0)
+    for aff in [np.diag([0.9, 0.9, 3, 1]), np.diag([2.0, 2.0, 2, 1]), np.diag([3.0, 1.2, 5, 1]),
+                np.array([[0, 0, 4.0, 0], [1.1, 0, 0, 0], [0, 0.7, 0, 0], [0, 0, 0, 1]]),
+                np.array([[-0.8, 0, 0, 0], [0, 0, 3.0, 0], [0, 1.3, 0, 0], [0, 0, 0, 1]])]:
+        img = nib.Nifti1Image((rng.random((30, 26, 7)) * 100 + 1).astype(np.float32), aff)
+        assert p.model_grid_shape(img, 2) == p.to_model_grid(img, 2)[0].shape, aff

@@ -1503,3 +1503,37 @@ def test_python_m_serve_app_serves_and_refuses_caps_the_cluster_cannot_hold(ckpt
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_resample_to_the_model_grid_is_bounded_by_the_caps(make_service, tmp_path):
+    """``?resample=true``: the volume goes to the model's grid first, as ``pgasr sr`` does by
+    default; the grid's size is computed from the header and checked against the voxel caps
+    before anything is resampled (a 100 mm pixdim would otherwise upsample 50x per axis)."""
+    from pgasr.inference import Predictor
+
+    pred = Predictor.from_checkpoint(
+        make_tiny_checkpoint(tmp_path / "ck", extra_meta={"voxel_size": [1.0, 1.0, 1.0]}),
+        device="cpu")  # LR voxels of 2 mm at x2
+    svc = make_service(pred)
+    vol = (np.random.default_rng(3).random((12, 10, 3)) * 100 + 1).astype(np.float32)
+
+    async def go():
+        async with _asgi_client(svc) as c:
+            out = {}
+            for name, aff, q in [("native", np.diag([4.0, 4.0, 3.0, 1.0]), ""),
+                                 ("model", np.diag([4.0, 4.0, 3.0, 1.0]), "&resample=true"),
+                                 ("huge", np.diag([100.0, 100.0, 3.0, 1.0]), "&resample=true"),
+                                 ("bad", np.diag([4.0, 4.0, 3.0, 1.0]), "&resample=maybe")]:
+                out[name] = await c.post(f"/v1/sr?scale=2{q}", content=_nii(vol, aff), headers=H)
+            return out
+
+    r = asyncio.run(go())
+    assert r["native"].status_code == 200 and r["native"].headers["X-PGASR-Shape"] == "24,20,3"
+    assert r["model"].status_code == 200 and r["model"].headers["X-PGASR-Shape"] == "48,40,3"
+    sr = nib.Nifti1Image.from_bytes(gzip.decompress(r["model"].content))
+    assert sr.header.get_zooms()[:2] == pytest.approx((1.0, 1.0))
+    assert pred.model_grid_shape(nib.Nifti1Image(vol, np.diag([100.0, 100.0, 3.0, 1.0])), 2) \
+        == (600, 500, 3)
+    assert _json_status(r["huge"], 413, "too_large"), r["huge"].text
+    assert "on the model's grid this volume would have 900000 voxels" in r["huge"].json()["detail"]
+    assert _json_status(r["bad"], 422), r["bad"].text
