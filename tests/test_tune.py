@@ -255,8 +255,8 @@ def test_sweep_resumes_after_driver_is_killed(tiny_sweep, ray_session, capsys):
     tmp = tiny_sweep["tmp"]
     sets = _sets(tmp, "tune.name=resume", f"tune.out_dir={tmp}/resume",
                  f"tune.best_config={tmp}/resume/best.yaml", "tune.beta=[0.1]",
-                 "tune.max_concurrent_trials=1", "tune.asha=false",
-                 "tune.final_eval=false")  # the main sweep proves the evaluation
+                 "tune.max_concurrent_trials=1", "tune.asha=false", "stage2.epochs=1",
+                 "tune.final_eval=false")  # the main sweep proves the evaluation and ASHA
     cache = tmp / "runs" / "stage1_cache"
     n_events = len(_events(cache))
     experiment = tmp / "ray" / "resume"
