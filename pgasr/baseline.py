@@ -15,6 +15,7 @@ Both are trained with L1 on the centre slices; no priors, no codebook, no neighb
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import time
@@ -189,12 +190,9 @@ def load_cnn(path: str | Path) -> tuple[nn.Module, dict]:
     if not (p / "cnn.json").is_file() or not (p / "cnn.pt").is_file():
         raise FileNotFoundError(f"{p} holds no baseline model (cnn.pt + cnn.json)")
     info = json.loads((p / "cnn.json").read_text())
-    arch = info.get("arch", "cnn")
-    if arch == "cnn":
-        model = ResidualCNN(int(info["depth"]), int(info["width"]))
-    else:
-        model = build_baseline(arch, **{k: info[k] for k in ("dim", "groups", "depth",
-                                                             "num_heads", "window_size")})
+    arch = info.get("arch", "cnn")  # directories written before dat existed hold a CNN
+    params = inspect.signature(BASELINES.get(arch, ResidualCNN)).parameters
+    model = build_baseline(arch, **{k: int(info[k]) for k in params if k in info})
     model.load_state_dict(torch.load(p / "cnn.pt", map_location="cpu", weights_only=True))
     return model.eval(), info
 

@@ -28,7 +28,8 @@ from pgasr.checkpoint import Checkpoint, load_checkpoint
 from pgasr.config import PriorConfig, RunConfig
 from pgasr.priors import build_prior, check_backend_match
 from pgasr.volume import (
-    check_volume, inplane_voxel_size, resample_inplane, rescale_affine, volume_image,
+    check_volume, inplane_grid, inplane_voxel_size, resample_inplane, rescale_affine,
+    volume_image,
 )
 
 log = logging.getLogger(__name__)
@@ -261,9 +262,9 @@ class Predictor:
         want = self.lr_voxel_size(scale)
         if want is None:
             return img, info
-        got = inplane_voxel_size(img.affine)
-        if all(abs(g / want - 1) <= 0.01 for g in got):
+        if inplane_grid(img.shape, img.affine, want) is None:  # already on the LR grid
             return img, info
+        got = inplane_voxel_size(img.affine)
         if max(got) < want * 0.8:
             log.warning("input in-plane voxels (%.2f x %.2f mm) are finer than the %.2f mm LR "
                         "voxels of this model at x%d: resampling to them discards detail; the "
@@ -285,12 +286,8 @@ class Predictor:
             shape = tuple(shape[j] for j in order)
             affine = np.c_[affine[:3, :3][:, order], affine[:3, 3]]
         want = self.lr_voxel_size(scale)
-        if want is None:
-            return shape
-        got = np.linalg.norm(affine[:3, :2], axis=0)
-        if np.all(np.abs(got / want - 1) <= 0.01):
-            return shape
-        return (*(max(1, int(round(n / (want / g)))) for n, g in zip(shape[:2], got)), shape[2])
+        grid = None if want is None else inplane_grid(shape, affine, want)
+        return shape if grid is None else (*grid, shape[2])
 
     def predict_image(self, img: nib.Nifti1Image, scale: int, progress=None,
                       resample: bool = False) -> nib.Nifti1Image:

@@ -45,6 +45,20 @@ def inplane_voxel_size(affine: np.ndarray) -> tuple[float, float]:
     return float(z[0]), float(z[1])
 
 
+def inplane_grid(shape: tuple[int, ...], affine: np.ndarray, voxel_mm: float,
+                 tol: float = 0.01) -> tuple[int, int] | None:
+    """The in-plane shape :func:`resample_inplane` gives a volume of ``shape`` / ``affine``
+    at ``voxel_mm`` (the field of view kept), or None when its spacing is already within
+    ``tol`` (relative) of ``voxel_mm``: no resampling."""
+    zooms = np.array(inplane_voxel_size(affine))
+    if not np.isfinite(zooms).all() or (zooms <= 0).any():
+        raise ValueError(f"affine has no usable in-plane voxel size: {zooms}")
+    if np.all(np.abs(zooms / voxel_mm - 1) <= tol):
+        return None
+    ratio = voxel_mm / zooms  # > 1: coarser output
+    return tuple(max(1, int(round(n / r))) for n, r in zip(shape[:2], ratio))
+
+
 def resample_inplane(vol: np.ndarray, affine: np.ndarray, voxel_mm: float,
                      tol: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
     """Resample the first two axes of ``vol`` (X, Y, Z) to ``voxel_mm`` voxels, same field of
@@ -56,13 +70,9 @@ def resample_inplane(vol: np.ndarray, affine: np.ndarray, voxel_mm: float,
     from scipy.ndimage import gaussian_filter
 
     affine = np.asarray(affine, dtype=np.float64)
-    zooms = np.array(inplane_voxel_size(affine))
-    if not np.isfinite(zooms).all() or (zooms <= 0).any():
-        raise ValueError(f"affine has no usable in-plane voxel size: {zooms}")
-    if np.all(np.abs(zooms / voxel_mm - 1) <= tol):
+    shape = inplane_grid(vol.shape, affine, voxel_mm, tol)
+    if shape is None:
         return vol, affine
-    ratio = voxel_mm / zooms  # > 1: coarser output
-    shape = tuple(max(1, int(round(n / r))) for n, r in zip(vol.shape[:2], ratio))
     step = np.array([vol.shape[0] / shape[0], vol.shape[1] / shape[1]])  # exact FOV kept
     out_affine = affine.copy()
     out_affine[:3, 0] *= step[0]
