@@ -74,9 +74,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     for key in ("source_format", "contrast", "bids_suffix", "voxel_size"):  # --flag = data.key
         if getattr(args, key) is not None:
             setattr(cfg.data, key, getattr(args, key))
-    from pgasr.config import validate
+    from pgasr.config import revalidate
 
-    validate(cfg, "pgasr prepare")
+    cfg = revalidate(cfg, "pgasr prepare")
     res = prepare(cfg, progress=not args.quiet, force=args.force)
     verb = "up to date" if res.reused else "prepared"
     print(f"{verb}: {res.out_dir}  rows={res.rows}  subjects="
@@ -363,8 +363,34 @@ def _register_report(sub) -> None:
     s.set_defaults(func=report.run)
 
 
+def cmd_config_show(args: argparse.Namespace) -> None:
+    from pgasr.config import config_yaml
+
+    print(config_yaml(_load(args)), end="")
+
+
+def cmd_config_schema(args: argparse.Namespace) -> None:
+    from pgasr.config import config_schema
+
+    print(json.dumps(config_schema(), indent=1))
+
+
+def _register_config(sub) -> None:
+    s = sub.add_parser("config", help="print the resolved run config or its JSON schema",
+                       description="`show`: the config every command would use (file + --set "
+                                   "overrides, defaults filled in) as YAML; `schema`: the JSON "
+                                   "schema of a run config (for editors and validation).")
+    cs = s.add_subparsers(dest="config_command", metavar="{show,schema}")
+    cs.required = True
+    show = cs.add_parser("show", help="the resolved config as YAML")
+    _add_config_args(show)
+    show.set_defaults(func=cmd_config_show)
+    cs.add_parser("schema", help="the JSON schema of a run config").set_defaults(
+        func=cmd_config_schema)
+
+
 # Modules with their own subcommand groups register them here.
-_EXTRA_COMMANDS: list = [_register_client, _register_report]
+_EXTRA_COMMANDS: list = [_register_client, _register_report, _register_config]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,16 +11,15 @@ vocabulary.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from pgasr.configbase import Section
 from pgasr.models.config import ModelConfig, Stage1Config, Stage2Config
 from pgasr.priors.config import PriorConfig
 
@@ -45,6 +44,10 @@ __all__ = [
     "config_to_dict",
     "config_from_dict",
     "apply_overrides",
+    "set_overrides",
+    "revalidate",
+    "config_yaml",
+    "config_schema",
 ]
 
 
@@ -52,8 +55,7 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
 
 
-@dataclass
-class SynthConfig:
+class SynthConfig(Section):
     """Embedded synthetic IXI-like T2 cohort built from the MNI152 template nilearn ships."""
 
     subjects: int = 8
@@ -63,8 +65,7 @@ class SynthConfig:
     out_dir: str = "data/synth"
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Section):
     """Dataset ingest (paper Sec. 3 "Dataset")."""
 
     # "synthetic", or where the scans are: an IXI directory/.tar, a BIDS dataset, any folder
@@ -86,13 +87,12 @@ class DataConfig:
     val_subjects: float = 0
     test_subjects: float = 176
     split_seed: int = 0
-    scales: list[int] = field(default_factory=lambda: [2, 4])
+    scales: list[int] = Field(default_factory=lambda: [2, 4])
     rows_per_shard: int = 240  # slice triplets per Parquet file
     head_threshold: float = 0.1  # fraction of the 99th percentile defining "head" voxels
 
 
-@dataclass
-class DegradationConfig:
+class DegradationConfig(Section):
     """LR synthesis: anisotropic Gaussian blur -> AWGN -> bicubic down-sampling.
 
     Blur sigmas are in HR pixels and scale with the SR factor (``sigma * scale / 2``) so the
@@ -100,14 +100,13 @@ class DegradationConfig:
     robust intensity range (99.5th percentile - min). See ``docs/data.md`` for the reasoning.
     """
 
-    blur_sigma: list[float] = field(default_factory=lambda: [0.2, 1.2])  # at x2
+    blur_sigma: list[float] = Field(default_factory=lambda: [0.2, 1.2])  # at x2
     blur_kernel_max: int = 21
-    noise_sigma: list[float] = field(default_factory=lambda: [0.0, 0.02])
+    noise_sigma: list[float] = Field(default_factory=lambda: [0.0, 0.02])
     seed: int = 1234
 
 
-@dataclass
-class AugmentConfig:
+class AugmentConfig(Section):
     """Contrast/sharpness randomisation of training volumes (:mod:`pgasr.data.augment`):
     ``copies`` extra, randomly transformed copies of every training volume (0 = off)."""
 
@@ -115,12 +114,11 @@ class AugmentConfig:
     remap_p: float = 0.7  # probability of a random piecewise-linear contrast curve
     remap_knots: int = 6
     gamma: float = 0.7  # log-gamma ~ U(-gamma, gamma)
-    blur: list[float] = field(default_factory=lambda: [0.0, 0.9])  # HR in-plane sigma, pixels
+    blur: list[float] = Field(default_factory=lambda: [0.0, 0.9])  # HR in-plane sigma, pixels
     seed: int = 0
 
 
-@dataclass
-class InferenceConfig:
+class InferenceConfig(Section):
     """How a trained model is applied (``pgasr sr``, ``pgasr evaluate``, Serve, the report).
 
     ``background: bicubic`` keeps the background of the input: outside a head mask computed
@@ -142,8 +140,7 @@ class InferenceConfig:
     back_projection_weight: float = 0.5
 
 
-@dataclass
-class ResourcesConfig:
+class ResourcesConfig(Section):
     """Ray resources. GPUs are config, never hard-coded: a GPU request on a CPU-only
     cluster waits forever."""
 
@@ -171,8 +168,7 @@ class ResourcesConfig:
     in_memory_shard_mib: int = 1024
 
 
-@dataclass
-class ServeConfig:
+class ServeConfig(Section):
     """The HTTP service (``serve/app.py``; routes, limits and security in ``docs/serve.md``).
 
     API keys come from the environment variable named by ``api_keys_env`` (comma-separated)
@@ -183,7 +179,7 @@ class ServeConfig:
     checkpoint: str = ""
     # More stage-2 checkpoints of other scales (e.g. RUN_DIR/stage2_x4): one replica serves
     # them all and routes each request by its ?scale=
-    checkpoints: list[str] = field(default_factory=list)
+    checkpoints: list[str] = Field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys_env: str = "PGASR_API_KEYS"
@@ -209,9 +205,13 @@ class ServeConfig:
     bf16: bool = False  # autocast on CUDA replicas
     allow_no_auth: bool = False  # development only: no API key needed (loud warning)
 
+    @model_validator(mode="after")
+    def _checks(self) -> ServeConfig:
+        _check_serve(self)
+        return self
 
-@dataclass
-class SearchSpace:
+
+class SearchSpace(Section):
     """The search space of one swept loss weight (``tune.alpha1``, ``tune.alpha2``,
     ``tune.beta``), written as a mapping; a plain YAML list is shorthand for ``values``.
 
@@ -225,14 +225,13 @@ class SearchSpace:
     """
 
     type: str = "grid"  # grid | choice | uniform | loguniform
-    values: list[float] = field(default_factory=list)
+    values: list[float] = Field(default_factory=list)
     low: float = 0.0
     high: float = 0.0
     n: int = 0
 
 
-@dataclass
-class TuneConfig:
+class TuneConfig(Section):
     """The Ray Tune sweep of the loss weights (``tune/sweep.py``, ``docs/tune.md``).
 
     Each trial trains stage 2 through Ray Train with one (alpha1, alpha2) on the stage 1 of its
@@ -241,9 +240,9 @@ class TuneConfig:
     trainings).
     """
 
-    alpha1: list[float] | SearchSpace = field(default_factory=lambda: [0.03, 0.1, 0.3])
-    alpha2: list[float] | SearchSpace = field(default_factory=lambda: [0.03, 0.1, 0.3])
-    beta: list[float] | SearchSpace = field(default_factory=lambda: [0.1, 0.25, 0.5])
+    alpha1: list[float] | SearchSpace = Field(default_factory=lambda: [0.03, 0.1, 0.3])
+    alpha2: list[float] | SearchSpace = Field(default_factory=lambda: [0.03, 0.1, 0.3])
+    beta: list[float] | SearchSpace = Field(default_factory=lambda: [0.1, 0.25, 0.5])
     search: str = "grid"  # grid | random: how plain lists are read (grid, or choice per trial)
     num_samples: int = 1  # Tune's num_samples: grid repeats / random draws per grid cell
     seed: int = 0  # up-front draws (ranges with n > 0) and Tune's random sampling
@@ -265,8 +264,7 @@ class TuneConfig:
     best_checkpoint: str = ""  # the best trial's checkpoint directory (default {out_dir}/best)
 
 
-@dataclass
-class RunConfig:
+class RunConfig(Section):
     """Everything one run needs. ``name`` keys the run directory under ``run_dir``."""
 
     name: str = "pgasr"
@@ -274,133 +272,193 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     nan_policy: str = "error"  # error | skip: a non-finite training loss raises, or is skipped
-    synth: SynthConfig = field(default_factory=SynthConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    degradation: DegradationConfig = field(default_factory=DegradationConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    prior: PriorConfig = field(default_factory=PriorConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    stage1: Stage1Config = field(default_factory=Stage1Config)
-    stage2: Stage2Config = field(default_factory=Stage2Config)
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    degradation: DegradationConfig = Field(default_factory=DegradationConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    prior: PriorConfig = Field(default_factory=PriorConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    stage1: Stage1Config = Field(default_factory=Stage1Config)
+    stage2: Stage2Config = Field(default_factory=Stage2Config)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @model_validator(mode="after")
+    def _checks(self) -> RunConfig:
+        _check_run(self)
+        return self
 
 
-# --------------------------------------------------------------------------- conversion
+# --------------------------------------------------------------------------- checks
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
 
 
-def config_to_dict(cfg: Any) -> dict:
-    """Plain nested dict (YAML/JSON-safe) of a config dataclass."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+def _check_serve(s: ServeConfig) -> None:
+    """``serve.*`` values that types alone cannot express (the checkpoint itself is checked
+    where a service starts: ``serve.app.validate_serve_config``)."""
+    _require(s.max_batch_size >= 1, "serve.max_batch_size must be >= 1")
+    _require(s.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s must be >= 0")
+    _require(0 <= s.min_replicas <= s.max_replicas, "serve.min_replicas must be in [0, max_replicas]")
+    _require(s.max_replicas >= 1, "serve.max_replicas must be >= 1")
+    _require(s.target_ongoing_requests > 0, "serve.target_ongoing_requests must be > 0")
+    _require(s.max_ongoing_requests >= 1, "serve.max_ongoing_requests must be >= 1")
+    _require(s.max_queued_requests >= 1 or s.max_queued_requests == -1,
+             "serve.max_queued_requests must be >= 1 (or -1: unbounded)")
+    _require(s.max_body_bytes >= 1024, "serve.max_body_bytes must be >= 1024")
+    _require(s.max_voxels >= 1, "serve.max_voxels must be >= 1")
+    _require(s.max_output_voxels >= 0, "serve.max_output_voxels must be >= 0 (0: 4 x max_voxels)")
+    _require(s.max_slice_pixels >= 1, "serve.max_slice_pixels must be >= 1")
+    _require(s.max_volume_queue >= 1, "serve.max_volume_queue must be >= 1")
+    _require(s.request_timeout_s > 0, "serve.request_timeout_s must be > 0")
+    _require(s.body_timeout_s > 0 and s.body_idle_timeout_s > 0,
+             "serve.body_timeout_s / body_idle_timeout_s must be > 0")
+    _require(s.gpus_per_replica >= 0 and s.cpus_per_replica >= 0 and s.memory_per_replica >= 0,
+             "serve.gpus_per_replica / cpus_per_replica / memory_per_replica must be >= 0")
+    _require(1 <= s.port <= 65535, "serve.port must be in 1..65535")
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check/convert ``value`` to the annotated type ``tp``; raise ConfigError naming ``where``."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        # Name why each alternative failed (e.g. an unknown key inside a mapping).
-        raise ConfigError(f"{where}: {value!r} does not match {tp} ({'; '.join(errors)})")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (inner,) = typing.get_args(tp)[:1] or (Any,)
-        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return _from_dict(tp, value, where)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    return value
+def _check_run(cfg: RunConfig) -> None:
+    """Semantic checks of a whole run config that types alone cannot express."""
+    from pgasr.data.sources import FORMATS
+
+    d = cfg.data
+    for s in d.scales:
+        _require(s in (2, 4), f"data.scales may contain only 2 and 4, got {s}")
+    _require(d.slices_per_volume >= 1, "data.slices_per_volume must be >= 1")
+    _require(d.source_format in FORMATS, f"data.source_format must be one of "
+             f"{', '.join(FORMATS)}, got {d.source_format!r}")
+    _require(d.voxel_size is None or 0 < d.voxel_size <= 20,
+             f"data.voxel_size must be in (0, 20] mm or null, got {d.voxel_size}")
+    _require(d.size >= 8 and d.size % 8 == 0,
+             f"data.size must be a positive multiple of 8, got {d.size}")
+    for name in ("train_subjects", "val_subjects", "test_subjects"):
+        _require(getattr(d, name) >= 0, f"data.{name} must be >= 0")
+    _require(len(cfg.degradation.blur_sigma) == 2 and 0 < cfg.degradation.blur_sigma[0]
+             <= cfg.degradation.blur_sigma[1], "degradation.blur_sigma must be 0 < lo <= hi")
+    _require(len(cfg.degradation.noise_sigma) == 2 and 0 <= cfg.degradation.noise_sigma[0]
+             <= cfg.degradation.noise_sigma[1], "degradation.noise_sigma must be 0 <= lo <= hi")
+    for s in cfg.stage2.scales or [cfg.stage2.scale]:
+        _require(s in d.scales, f"stage 2 at x{s} (stage2.scale / stage2.scales) needs x{s} in "
+                 f"data.scales, got {d.scales}")
+    a = cfg.augment
+    _require(a.copies >= 0, f"augment.copies must be >= 0, got {a.copies}")
+    _require(0 <= a.remap_p <= 1, f"augment.remap_p must be in [0, 1], got {a.remap_p}")
+    _require(a.remap_knots >= 2, f"augment.remap_knots must be >= 2, got {a.remap_knots}")
+    _require(a.gamma >= 0, f"augment.gamma must be >= 0, got {a.gamma}")
+    _require(len(a.blur) == 2 and 0 <= a.blur[0] <= a.blur[1],
+             "augment.blur must be [lo, hi] with 0 <= lo <= hi")
+    _require(cfg.nan_policy in ("error", "skip"), "nan_policy must be error or skip")
+    _require(cfg.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda")
+    inf = cfg.inference
+    _require(inf.background in ("bicubic", "model"), f"inference.background must be bicubic "
+             f"or model, got {inf.background!r}")
+    _require(inf.mask_dilate >= 0 and inf.mask_feather >= 0,
+             "inference.mask_dilate and mask_feather must be >= 0")
+    _require(inf.back_projection_steps >= 0 and 0 < inf.back_projection_weight <= 1,
+             "inference.back_projection_steps must be >= 0 and back_projection_weight in (0, 1]")
 
 
-def _from_dict(cls: type, data: dict, where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)}; "
-            f"valid keys: {', '.join(sorted(names))}"
-        )
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
 
 
-def config_from_dict(data: dict, source: str = "<dict>", cls: type = RunConfig) -> Any:
-    """Build a config from a nested dict; unknown keys raise :class:`ConfigError`."""
+# --------------------------------------------------------------------------- loading
+
+
+def _walk(cls: type, loc: tuple) -> tuple[list[str], type | None]:
+    """The dotted key of an error location inside ``cls`` (pydantic's union-member tags such
+    as ``SearchSpace`` dropped) and the config class found there (None: not a section)."""
+    key, here = [], cls
+    for part in loc:
+        if here is None:
+            key.append(str(part))
+            continue
+        field = here.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            if isinstance(part, str) and not key:
+                key.append(part)
+            elif isinstance(part, str) and (part[:1].isupper() or "[" in part):
+                continue  # a union member's tag
+            else:
+                key.append(str(part))
+            here = None if "[" not in str(part) else here
+            continue
+        key.append(part)
+        members = [a for a in (typing.get_args(field.annotation) or (field.annotation,))
+                   if isinstance(a, type) and issubclass(a, BaseModel)]
+        here = members[0] if members else None
+    return key, here
+
+
+def _describe(e: ValidationError, cls: type) -> str:
+    """One line per problem, each naming its dotted key: unknown keys with the valid ones,
+    wrong types with the value given, failed checks with their own message."""
+    errors = e.errors(include_url=False)
+    # a mapping given for a `list | SearchSpace` field: the list member's complaint is noise
+    mapped = {tuple(map(str, x["loc"][:-2])) for x in errors if isinstance(x["input"], dict)
+              or x["type"] == "extra_forbidden"}
+    out = []
+    for err in errors:
+        loc = tuple(err["loc"])
+        if err["type"] == "list_type" and tuple(map(str, loc[:-1])) in mapped:
+            continue
+        if err["type"] == "model_type" and isinstance(err["input"], list):
+            continue  # a list given for a `list | SearchSpace` field: the list's own errors
+        parts, _ = _walk(cls, loc)
+        key = ".".join(parts)
+        if err["type"] == "extra_forbidden":
+            _, parent = _walk(cls, loc[:-1])
+            valid = f"; valid keys: {', '.join(sorted(parent.model_fields))}" if parent else ""
+            out.append(f"unknown key {key!r}{valid}")
+        elif err["type"] == "value_error":
+            msg = str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
+            _, section = _walk(cls, loc)
+            head = msg.split(":", 1)[0]
+            if not key or msg.startswith(f"{key}.") or msg.startswith(f"{key} "):
+                out.append(msg)
+            elif section is not None and head in section.model_fields:
+                out.append(f"{key}.{msg}")
+            else:
+                out.append(f"{key}: {msg}")
+        else:
+            out.append(f"{key}: {err['msg'][:1].lower()}{err['msg'][1:]}, got {err['input']!r}")
+    return "; ".join(out)
+
+
+def config_to_dict(cfg: BaseModel) -> dict:
+    """Plain nested dict (YAML/JSON-safe) of a config."""
+    return cfg.model_dump(mode="json")
+
+
+def config_from_dict(data: dict | None, source: str = "<dict>", cls: type = None) -> Any:
+    """Build a config (default :class:`RunConfig`) from a nested dict; unknown keys, wrong
+    types and failed checks raise :class:`ConfigError` naming ``source`` and the key."""
+    cls = cls or RunConfig
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: top level must be a mapping")
     try:
-        cfg = _from_dict(cls, data, "")
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {str(e).lstrip(': ')}") from None
-    validate(cfg, source)
-    return cfg
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_describe(e, cls)}") from None
+
+
+def revalidate(cfg: BaseModel, source: str = "<config>") -> BaseModel:
+    """``cfg`` checked again after attributes were set on it (assignment is not validated)."""
+    return config_from_dict(config_to_dict(cfg), source, type(cfg))
 
 
 def _parse_scalar(text: str) -> Any:
     return yaml.safe_load(text) if text != "" else ""
 
 
-def apply_overrides(cfg: RunConfig, overrides: list[str] | None, source: str = "--set") -> RunConfig:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML) and re-validate."""
-    if not overrides:
-        return cfg
-    data = config_to_dict(cfg)
+def set_overrides(data: dict, overrides: list[str], source: str = "--set") -> dict:
+    """Apply ``key.sub=value`` items (values parsed as YAML) to the nested dict ``data`` in
+    place; every key must already exist (it is the resolved config's dict)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"{source}: override {item!r} must look like key.sub=value")
@@ -414,65 +472,15 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | None, source: str = "
         if parts[-1] not in node:
             raise ConfigError(f"{source}: unknown key {key!r} in {item!r}")
         node[parts[-1]] = _parse_scalar(raw)
-    return config_from_dict(data, source)
+    return data
 
 
-def validate(cfg: RunConfig, source: str = "<config>") -> None:
-    """Semantic checks that types alone cannot express."""
-    d = cfg.data
-    for s in d.scales:
-        if s not in (2, 4):
-            raise ConfigError(f"{source}: data.scales may contain only 2 and 4, got {s}")
-    if d.slices_per_volume < 1:
-        raise ConfigError(f"{source}: data.slices_per_volume must be >= 1")
-    from pgasr.data.sources import FORMATS
-
-    if d.source_format not in FORMATS:
-        raise ConfigError(f"{source}: data.source_format must be one of {', '.join(FORMATS)}, "
-                          f"got {d.source_format!r}")
-    if d.voxel_size is not None and not 0 < d.voxel_size <= 20:
-        raise ConfigError(f"{source}: data.voxel_size must be in (0, 20] mm or null, "
-                          f"got {d.voxel_size}")
-    if d.size < 8 or d.size % 8:
-        raise ConfigError(f"{source}: data.size must be a positive multiple of 8, got {d.size}")
-    for name in ("train_subjects", "val_subjects", "test_subjects"):
-        v = getattr(d, name)
-        if v < 0:
-            raise ConfigError(f"{source}: data.{name} must be >= 0")
-    lo, hi = cfg.degradation.blur_sigma
-    if not 0 < lo <= hi:
-        raise ConfigError(f"{source}: degradation.blur_sigma must be 0 < lo <= hi")
-    nlo, nhi = cfg.degradation.noise_sigma
-    if not 0 <= nlo <= nhi:
-        raise ConfigError(f"{source}: degradation.noise_sigma must be 0 <= lo <= hi")
-    for s in cfg.stage2.scales or [cfg.stage2.scale]:
-        if s not in d.scales:
-            raise ConfigError(f"{source}: stage 2 at x{s} (stage2.scale / stage2.scales) needs "
-                              f"x{s} in data.scales, got {d.scales}")
-    a = cfg.augment
-    if a.copies < 0:
-        raise ConfigError(f"{source}: augment.copies must be >= 0, got {a.copies}")
-    if not 0 <= a.remap_p <= 1:
-        raise ConfigError(f"{source}: augment.remap_p must be in [0, 1], got {a.remap_p}")
-    if a.remap_knots < 2:
-        raise ConfigError(f"{source}: augment.remap_knots must be >= 2, got {a.remap_knots}")
-    if a.gamma < 0:
-        raise ConfigError(f"{source}: augment.gamma must be >= 0, got {a.gamma}")
-    if len(a.blur) != 2 or not 0 <= a.blur[0] <= a.blur[1]:
-        raise ConfigError(f"{source}: augment.blur must be [lo, hi] with 0 <= lo <= hi")
-    if cfg.nan_policy not in ("error", "skip"):
-        raise ConfigError(f"{source}: nan_policy must be error or skip")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"{source}: device must be auto, cpu or cuda")
-    inf = cfg.inference
-    if inf.background not in ("bicubic", "model"):
-        raise ConfigError(f"{source}: inference.background must be bicubic or model, "
-                          f"got {inf.background!r}")
-    if inf.mask_dilate < 0 or inf.mask_feather < 0:
-        raise ConfigError(f"{source}: inference.mask_dilate and mask_feather must be >= 0")
-    if inf.back_projection_steps < 0 or not 0 < inf.back_projection_weight <= 1:
-        raise ConfigError(f"{source}: inference.back_projection_steps must be >= 0 and "
-                          "back_projection_weight in (0, 1]")
+def apply_overrides(cfg: BaseModel, overrides: list[str] | None, source: str = "--set") -> Any:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) and re-validate."""
+    if not overrides:
+        return cfg
+    data = set_overrides(config_to_dict(cfg), overrides, source)
+    return config_from_dict(data, source, type(cfg))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -491,7 +499,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return apply_overrides(cfg, overrides)
 
 
-def dump_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML (every run writes one)."""
+def config_yaml(cfg: BaseModel) -> str:
+    """The resolved config as YAML, in field order."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def config_schema() -> dict:
+    """The JSON schema of a run config (``pgasr config schema``)."""
+    return RunConfig.model_json_schema()
+
+
+def dump_config(cfg: BaseModel, path: str | Path) -> None:
+    """Write the resolved config as YAML (every run writes one), atomically."""
+    from pgasr.provenance import atomic_write_text
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    atomic_write_text(Path(path), config_yaml(cfg))

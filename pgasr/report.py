@@ -29,13 +29,16 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from pgasr.config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict
+from pydantic import Field, field_validator
+
+from pgasr.config import (ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict,
+                          set_overrides)
+from pgasr.configbase import Section
 from pgasr.provenance import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,14 +47,13 @@ __all__ = ["BenchConfig", "LADDER", "load_bench_config", "run_bench", "serial_ma
            "main"]
 
 
-@dataclass
-class BenchConfig:
+class BenchConfig(Section):
     """Bench knobs: defaults here, ``--set bench.<key>=...`` on the command line, or an
     optional ``bench:`` section in a user's YAML (shipped configs stay plain RunConfigs)."""
 
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    scales: list[int] = field(default_factory=list)  # [] -> data.scales
-    rows: list[str] = field(default_factory=lambda: [k for k, *_ in LADDER])
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    scales: list[int] = Field(default_factory=list)  # [] -> data.scales
+    rows: list[str] = Field(default_factory=lambda: [k for k, *_ in LADDER])
     # CNN budget = PGASR's (stage 1 + 2) wall time of the full row (equal budget, the issue's
     # rule); > 0 caps it; 120 s when the full row was not run
     baseline_max_seconds: float = 0.0
@@ -60,8 +62,16 @@ class BenchConfig:
     out_dir: str = ""  # "" -> benchmarks/results/<cfg.name>
     report: str = ""  # "" -> docs/results.md for the `bench` preset, else docs/results_<name>.md
     collect_dir: str = "benchmarks/results"
-    collect: list[str] = field(default_factory=lambda: ["priors", "train_overhead", "serve",
+    collect: list[str] = Field(default_factory=lambda: ["priors", "train_overhead", "serve",
                                                         "latent_sweep"])
+
+    @field_validator("rows")
+    @classmethod
+    def _known_rows(cls, rows: list[str]) -> list[str]:
+        bad = [r for r in rows if r not in {k for k, *_ in LADDER}]
+        if bad:
+            raise ValueError(f"bench.rows has unknown row(s) {bad}")
+        return rows
 
 
 # Table 2 (paper): key, label, ACG, L_align_d, L_align_s, SCAB
@@ -104,6 +114,12 @@ PAPER = {
 # ----------------------------------------------------------------------------- config
 
 
+class _BenchFile(Section):
+    """The ``bench:`` section of a config file (errors then name ``bench.<key>``)."""
+
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+
+
 def load_bench_config(path: str | Path, overrides: list[str] | None = None
                       ) -> tuple[RunConfig, BenchConfig]:
     """Split ``path`` into its ``bench:`` section and a RunConfig; ``bench.x=...`` overrides
@@ -116,19 +132,10 @@ def load_bench_config(path: str | Path, overrides: list[str] | None = None
     run_over, bench_over = [], []
     for o in overrides or []:
         (bench_over if o.startswith("bench.") else run_over).append(o)
-    for o in bench_over:
-        if "=" not in o:
-            raise ConfigError(f"--set: override {o!r} must look like key.sub=value")
-        k, v = o.split("=", 1)
-        bench_data[k[len("bench."):]] = yaml.safe_load(v)
-    known = set(BenchConfig.__dataclass_fields__)
-    unknown = sorted(set(bench_data) - known)
-    if unknown:
-        raise ConfigError(f"{p}: unknown key(s) bench.{', bench.'.join(unknown)}")
-    bench = BenchConfig(**bench_data)
-    bad = [r for r in bench.rows if r not in {k for k, *_ in LADDER}]
-    if bad:
-        raise ConfigError(f"{p}: bench.rows has unknown row(s) {bad}")
+    bench = config_from_dict({"bench": bench_data}, str(p), _BenchFile).bench
+    if bench_over:
+        data_b = set_overrides({"bench": config_to_dict(bench)}, bench_over)
+        bench = config_from_dict(data_b, "--set", _BenchFile).bench
     cfg = apply_overrides(config_from_dict(data, str(p)), run_over)
     bench.scales = [int(s) for s in (bench.scales or cfg.data.scales)]
     bench.out_dir = bench.out_dir or f"benchmarks/results/{cfg.name}"
@@ -563,7 +570,7 @@ def run_bench(cfg: RunConfig, bench: BenchConfig, log=print, map_fn=serial_map,
     results = {
         "generated_by": "pgasr.report (make bench)",
         "config": config_to_dict(cfg),
-        "bench": asdict(bench),
+        "bench": config_to_dict(bench),
         "env": _env(),
         "timings": timings,
         "runs": runs,
@@ -749,7 +756,7 @@ def _flat(d, prefix: str = "", out: dict | None = None, depth: int = 0) -> dict:
 
 def collect_benchmarks(bench: BenchConfig | dict) -> dict:
     """Headline numbers of the other benchmarks' JSON (``summary``/``goal``/``results``)."""
-    b = bench if isinstance(bench, dict) else asdict(bench)
+    b = bench if isinstance(bench, dict) else config_to_dict(bench)
     src = Path(b["collect_dir"])
     out = {}
     for name in b["collect"]:

@@ -55,7 +55,8 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from pgasr.config import ConfigError, RunConfig, ServeConfig, config_from_dict, config_to_dict, load_config
+from pgasr.config import (ConfigError, RunConfig, ServeConfig, config_from_dict, config_to_dict,
+                          load_config, revalidate)
 from serve.decoding import (
     InputError,
     Limits,
@@ -912,33 +913,11 @@ class PGASRServer:
 
 
 def validate_serve_config(s: ServeConfig) -> None:
-    """Checks of ``serve.*`` values that types alone cannot express."""
+    """A service needs a checkpoint; every other ``serve.*`` check is ServeConfig's own
+    (run again here: attributes may have been set since it was loaded)."""
     if not s.checkpoint:
         raise ConfigError("serve.checkpoint is not set (a stage-2 checkpoint directory)")
-    checks = [
-        (s.max_batch_size >= 1, "serve.max_batch_size must be >= 1"),
-        (s.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s must be >= 0"),
-        (0 <= s.min_replicas <= s.max_replicas, "serve.min_replicas must be in [0, max_replicas]"),
-        (s.max_replicas >= 1, "serve.max_replicas must be >= 1"),
-        (s.target_ongoing_requests > 0, "serve.target_ongoing_requests must be > 0"),
-        (s.max_ongoing_requests >= 1, "serve.max_ongoing_requests must be >= 1"),
-        (s.max_queued_requests >= 1 or s.max_queued_requests == -1,
-         "serve.max_queued_requests must be >= 1 (or -1: unbounded)"),
-        (s.max_body_bytes >= 1024, "serve.max_body_bytes must be >= 1024"),
-        (s.max_voxels >= 1, "serve.max_voxels must be >= 1"),
-        (s.max_output_voxels >= 0, "serve.max_output_voxels must be >= 0 (0: 4 x max_voxels)"),
-        (s.max_slice_pixels >= 1, "serve.max_slice_pixels must be >= 1"),
-        (s.max_volume_queue >= 1, "serve.max_volume_queue must be >= 1"),
-        (s.request_timeout_s > 0, "serve.request_timeout_s must be > 0"),
-        (s.body_timeout_s > 0 and s.body_idle_timeout_s > 0,
-         "serve.body_timeout_s / body_idle_timeout_s must be > 0"),
-        (s.gpus_per_replica >= 0 and s.cpus_per_replica >= 0 and s.memory_per_replica >= 0,
-         "serve.gpus_per_replica / cpus_per_replica / memory_per_replica must be >= 0"),
-        (1 <= s.port <= 65535, "serve.port must be in 1..65535"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(msg)
+    revalidate(s, "serve config")
 
 
 def replica_memory_bytes(s: ServeConfig) -> int:

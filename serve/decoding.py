@@ -123,15 +123,18 @@ class OutputError(Exception):
 # --------------------------------------------------------------------------- limits
 
 
+_SERVE_DEFAULTS = ServeConfig()
+
+
 @dataclass(frozen=True)
 class Limits:
     """Everything that bounds one request's input and output. Configurable values default
     to :class:`ServeConfig`'s defaults; the fixed ones to this module's constants."""
 
-    max_body_bytes: int = ServeConfig.max_body_bytes
-    max_voxels: int = ServeConfig.max_voxels
-    max_output_voxels: int = OUTPUT_VOXELS_PER_INPUT_VOXEL * ServeConfig.max_voxels
-    max_slice_pixels: int = ServeConfig.max_slice_pixels
+    max_body_bytes: int = _SERVE_DEFAULTS.max_body_bytes
+    max_voxels: int = _SERVE_DEFAULTS.max_voxels
+    max_output_voxels: int = OUTPUT_VOXELS_PER_INPUT_VOXEL * _SERVE_DEFAULTS.max_voxels
+    max_slice_pixels: int = _SERVE_DEFAULTS.max_slice_pixels
     max_gzip_members: int = MAX_GZIP_MEMBERS
     max_multipart_parts: int = MAX_MULTIPART_PARTS
     max_nifti_extension_bytes: int = MAX_NIFTI_EXTENSION_BYTES

@@ -65,3 +65,58 @@ def test_config_import_does_not_pull_in_torch():
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("item, message", [
+    ("stage1.epochs=true", "stage1.epochs: expected a number, got True"),
+    ("data.size=abc", "data.size: input should be a valid integer"),
+    ("serve.port=0", "serve.port must be in 1..65535"),
+    ("tune.alpha1={type: grid, valuez: [1]}",
+     "unknown key 'tune.alpha1.valuez'; valid keys: high, low, n, type, values"),
+    ("tune.alpha1=[0.1, x]", "tune.alpha1.1: input should be a valid number"),
+])
+def test_errors_name_the_dotted_key(item, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [item])
+    assert str(e.value) == f"--set: {message}" or str(e.value).startswith(f"--set: {message}")
+    assert "SearchSpace" not in str(e.value) and "list[float]" not in str(e.value)
+
+
+def test_yaml_scalars_are_read_the_lax_way(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: 123\nstage2:\n  lr: 1e-3\n  epochs: 5.0\nmodel:\n  acg: yes\n")
+    cfg = load_config(p)  # YAML reads 1e-3 as a string and 123 as an int
+    assert (cfg.name, cfg.stage2.lr, cfg.stage2.epochs, cfg.model.acg) == ("123", 1e-3, 5, True)
+    p.write_text("stage2:\n  epochs: 5.5\n")
+    with pytest.raises(ConfigError, match="stage2.epochs"):
+        load_config(p)
+
+
+def test_assignment_is_checked_again_by_revalidate():
+    from pgasr.config import revalidate
+
+    cfg = load_config(None)
+    cfg.data.scales = [3]  # attribute assignment itself is not validated
+    with pytest.raises(ConfigError, match="pgasr prepare: data.scales may contain only 2 and 4"):
+        revalidate(cfg, "pgasr prepare")
+
+
+def test_config_show_and_schema_cli(repo_root, capsys):
+    import json
+
+    import yaml
+
+    from pgasr.cli import main
+
+    assert main(["config", "show", "--config", str(repo_root / "configs" / "demo.yaml"),
+                 "--set", "stage2.lr=2e-4"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["stage2"]["lr"] == 2e-4 and shown["name"] == "demo"
+    assert main(["config", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["additionalProperties"] is False
+    assert set(schema["properties"]) == set(RunConfig.model_fields)
+    stage2 = schema["$defs"]["Stage2Config"]
+    assert stage2["additionalProperties"] is False and "residual_head" in stage2["properties"]
+    assert main(["config", "show", "--set", "data.nope=1"]) == 2
+    assert "unknown key 'data.nope'" in capsys.readouterr().err

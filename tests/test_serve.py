@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import gzip
 import io
 import os
@@ -364,7 +363,7 @@ def test_limits_and_typed_errors():
     for bad in ({"max_volume_queue": 0}, {"body_timeout_s": 0}, {"body_idle_timeout_s": -1},
                 {"max_output_voxels": -1}):
         with pytest.raises(ConfigError):
-            A.validate_serve_config(dataclasses.replace(s, **bad))
+            A.validate_serve_config(s.model_copy(update=bad))
 
 
 def _overrides(ckpt, key_file, **extra):

@@ -89,7 +89,7 @@ def test_ranges_are_drawn_once_seeded_and_in_range():
     ("tune.grace_period=5", "grace_period"),
     ("stage2.val_every=2", "val_every"),
     ("tune.search=bayes", "tune.search"),
-    ("tune.beta={typo: 1}", "unknown key(s) 'typo'"),
+    ("tune.beta={typo: 1}", "unknown key 'tune.beta.typo'; valid keys: high, low"),
 ])
 def test_bad_search_space_is_one_line_and_exit_2(tmp_path, capsys, item, message):
     rc = sweep.main(["--config", str(CONFIG), *_sets(tmp_path, item)])

@@ -8,18 +8,19 @@ widens the network for GPUs).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from pydantic import Field
+
+from pgasr.configbase import Section
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """Architecture of Ê/E, Z, G, D and SCAB (paper Sec. 2, Sec. 3 "Implementation Detail")."""
 
     # f: HR pixels per latent position along each axis (1, 2, 4, 8). Stage 2 decodes with the
     # frozen G, so the stage-1 reconstruction at this f is a hard ceiling on SR quality. 2 is
     # the CPU default; the latent sweep in docs/model.md recommends 1 for the paper preset.
     latent_factor: int = 2
-    channels: list[int] = field(default_factory=lambda: [32, 32, 48, 48])  # the 4 encoder levels
+    channels: list[int] = Field(default_factory=lambda: [32, 32, 48, 48])  # the 4 encoder levels
     n_z: int = 32  # code dimension
     codebook_size: int = 256  # N (paper: 256 for all experiments)
     codebook_init: str = "data"  # data (first batch's encoder outputs) | uniform (taming)
@@ -41,8 +42,7 @@ class ModelConfig:
     scab_mode: str = "concat"
 
 
-@dataclass
-class Stage1Config:
+class Stage1Config(Section):
     """Stage 1: anatomical-conditioned codebook generation (Eq. 3)."""
 
     epochs: int = 40
@@ -65,7 +65,7 @@ class Stage1Config:
     dead_code_after: int = 200  # steps without use before a code counts as dead
     # Optimisation: Adam betas (taming's (0.5, 0.9) suit the GAN; (0.9, 0.99) while it is off),
     # linear learning-rate warm-up over the first steps, gradient-norm clipping (0 = off).
-    adam_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    adam_betas: list[float] = Field(default_factory=lambda: [0.5, 0.9])
     warmup_steps: int = 0
     grad_clip: float = 0.0
     log_every: int = 50
@@ -74,8 +74,7 @@ class Stage1Config:
     compile: bool = False
 
 
-@dataclass
-class Stage2Config:
+class Stage2Config(Section):
     """Stage 2: prior matching alignment (Eq. 4, 5)."""
 
     epochs: int = 40
@@ -116,11 +115,11 @@ class Stage2Config:
     scale: int = 2
     # Scales the pipeline trains a stage 2 for, on one shared stage 1 (paper: [2, 4]); empty =
     # [scale]. The x2 model is exported as RUN_DIR/stage2, any other as RUN_DIR/stage2_x{s}.
-    scales: list[int] = field(default_factory=list)
+    scales: list[int] = Field(default_factory=list)
     stage1_checkpoint: str = ""
     max_steps: int = 0
     crop: int = 0  # random crop side in HR pixels (multiple of scale); 0 = whole slices
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_betas: list[float] = Field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
     grad_clip: float = 0.0
     log_every: int = 50

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pgasr.configbase import Section
 
 
-@dataclass
-class PriorConfig:
+class PriorConfig(Section):
     """Anatomical prior S (paper Sec. 2.1).
 
     ``backend: auto`` resolves to SAM when a checkpoint is configured (``sam_checkpoint`` or
