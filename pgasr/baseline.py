@@ -128,10 +128,11 @@ def _centre(rows: Mapping[str, np.ndarray], scale: int) -> tuple[torch.Tensor, t
 def train_baseline(
     train: Mapping[str, np.ndarray], scale: int, *, seconds: float | None = None,
     epochs: int = 10, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
-    depth: int = 9, width: int = 48, arch: str = "cnn",
+    depth: int = 9, width: int = 48, arch: str = "cnn", max_steps: int = 0,
 ) -> tuple[nn.Module, dict]:
-    """Train on in-memory rows for ``epochs`` or until ``seconds`` of wall time pass.
-    ``arch``: ``cnn`` (``depth`` x ``width``) or ``dat`` (:class:`DATSR` defaults)."""
+    """Train on in-memory rows for ``epochs``, until ``seconds`` of wall time pass or after
+    ``max_steps`` steps (> 0), whichever comes first. ``arch``: ``cnn`` (``depth`` x
+    ``width``) or ``dat`` (:class:`DATSR` defaults)."""
     tune_allocator()  # the same process settings as PGASR's training (pgasr.runtime)
     torch.manual_seed(seed)
     model = ResidualCNN(depth, width) if arch == "cnn" else build_baseline(arch)
@@ -146,7 +147,7 @@ def train_baseline(
             loss.backward()
             opt.step()
             steps += 1
-            if seconds is not None and time.perf_counter() - t0 > seconds:
+            if (seconds is not None and time.perf_counter() - t0 > seconds) or steps == max_steps:
                 return model, {"steps": steps, "epochs": epoch, "seconds": time.perf_counter() - t0}
     return model, {"steps": steps, "epochs": epochs, "seconds": time.perf_counter() - t0}
 
@@ -212,11 +213,12 @@ def cnn_predict_volume(model: nn.Module, lr_volume: np.ndarray, scale: int,
     return st.denormalise(np.moveaxis(torch.cat(out).numpy(), 0, 2))
 
 
-def compare_with_pgasr(checkpoint: str, data_dir: str, scale: int, *, seconds: float,
+def compare_with_pgasr(checkpoint: str, data_dir: str, scale: int, *, seconds: float | None,
                        batch_size: int = 16, seed: int = 0, save_to: str | None = None,
-                       baselines: tuple[str, ...] = ("cnn",)) -> dict:
+                       baselines: tuple[str, ...] = ("cnn",), max_steps: int = 0) -> dict:
     """The issue's yardstick: each baseline (``cnn``, ``dat``) trained for ``seconds`` of wall
-    time on the same training split, then PGASR (``checkpoint``, a stage-2 directory), the
+    time (or ``max_steps`` steps: equal-step comparisons across seeds on a busy machine) on the
+    same training split, then PGASR (``checkpoint``, a stage-2 directory), the
     baselines and bicubic scored on the *same* test slices with the same metric (per-slice HR
     range). ``save_to``: the CNN's directory; another baseline goes beside it
     (``baseline_cnn`` -> ``baseline_dat``).
@@ -238,7 +240,8 @@ def compare_with_pgasr(checkpoint: str, data_dir: str, scale: int, *, seconds: f
     models, infos = {}, {}
     for arch in baselines:
         models[arch], infos[arch] = train_baseline(train, scale, seconds=seconds, epochs=10**6,
-                                                   batch_size=batch_size, seed=seed, arch=arch)
+                                                   batch_size=batch_size, seed=seed, arch=arch,
+                                                   max_steps=max_steps)
         models[arch].eval()
         if save_to:
             dest = Path(save_to)

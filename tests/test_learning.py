@@ -72,6 +72,7 @@ def test_dat_baseline_starts_at_bicubic_trains_and_round_trips(tmp_path):
             schema.lr_norm_column(2): np.tile([[0.0, 1.0]], (8, 1)).astype(np.float32)}
     model, info = train_baseline(rows, 2, epochs=2, batch_size=4, arch="dat")
     assert info["steps"] == 4 and isinstance(model, DATSR)
+    assert train_baseline(rows, 2, epochs=5, batch_size=4, max_steps=3)[1]["steps"] == 3
     assert float(model.conv_out.weight.abs().sum()) > 0  # it trained
     save_cnn(model, tmp_path / "dat", {"scale": 2, **info})
     back, meta = load_cnn(tmp_path / "dat")
