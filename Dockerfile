@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The PGASR runtime image: CUDA + Ray 2.60 + this package with its pinned dependencies. Every
+# The PGASR runtime image: CUDA + Ray 2.60 + this package with its locked dependencies. Every
 # node of a cluster runs it (head, CPU and GPU workers, the KubeRay job submitter), so driver,
 # workers and Serve replicas see the same code and the same versions.
 #
@@ -20,10 +20,12 @@ ENV PYTHONPATH=/home/ray/pgasr \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# 1) Dependencies only: this layer is rebuilt when pyproject.toml changes, not on every edit.
-COPY --chown=ray:users pyproject.toml README.md ./
+# 1) Dependencies only, at the versions the tests ran with (requirements.lock), with the
+# service's extra: this layer is rebuilt when pyproject.toml or the lock changes, not on
+# every edit.
+COPY --chown=ray:users pyproject.toml requirements.lock README.md ./
 RUN mkdir -p pgasr && touch pgasr/__init__.py \
- && pip install -e . \
+ && pip install -c requirements.lock -e ".[serve]" \
  && python -c "import ray, torch; assert ray.__version__ == '2.60.0', ray.__version__"
 
 # 2) The code. --no-deps: the line above already pinned everything.

@@ -1,17 +1,21 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when it is
-# missing and install the pinned dependencies with one `pip install -e ".[dev]"`; `make test`
+# missing and install the locked dependencies with one pip command (`pip install -c
+# requirements.lock -e ".[serve]"` for the demo and the service, `".[dev]"` for the tests:
+# requirements.lock holds the exact versions, pyproject.toml the ranges); `make test`
 # also installs Debian's chromium + chromium-driver for the headless-browser test of the web
 # viewer when they are missing (as root with apt-get, as in CI; otherwise it prints a note).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+LOCK := requirements.lock
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+STAMP := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
 CHROMIUM := /usr/bin/chromium
 CHROMEDRIVER := /usr/bin/chromedriver
 
-.PHONY: setup browser demo serve-demo test test-fast bench clean-demo help
+.PHONY: setup browser demo serve-demo test test-fast bench lock clean-demo help
 
 help:
 	@echo "make demo       run the whole pipeline on the embedded synthetic cohort"
@@ -19,11 +23,29 @@ help:
 	@echo "make test       the full CPU test suite (what CI runs)"
 	@echo "make test-fast  skip tests marked ray/slow"
 	@echo "make bench      paper Tables 1-3 on CPU -> benchmarks/results/bench + docs/results.md"
+	@echo "make lock       rewrite requirements.lock from the installed dev environment"
 
-$(STAMP): pyproject.toml
+# runtime: the pipeline, the CLI and the service; dev adds the test tools (a superset)
+$(RUNTIME_STAMP): pyproject.toml $(LOCK)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c $(LOCK) -e ".[serve]"
+	@touch $(RUNTIME_STAMP)
+
+$(STAMP): pyproject.toml $(LOCK)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c $(LOCK) -e ".[dev]"
+	@touch $(STAMP) $(RUNTIME_STAMP)
+
+# After changing the ranges in pyproject.toml: install the dev environment from the ranges
+# alone, then record every installed version except this project's own.
+lock:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e ".[dev]"
-	@touch $(STAMP)
+	@{ echo "# pip constraints: the exact versions make installs (make lock rewrites this file)"; \
+	   $(PY) -m pip list --format=freeze --exclude-editable | grep -v -E "^(pip|setuptools|wheel)=="; \
+	 } > $(LOCK).tmp && mv $(LOCK).tmp $(LOCK)
+	@touch $(STAMP) $(RUNTIME_STAMP)
+	@echo "wrote $(LOCK) ($$(grep -c '==' $(LOCK)) packages)"
 
 # Idempotent: nothing to do when both binaries exist. tests/test_serve.py's browser test fails
 # under CI=true without them and is skipped (with this reason) elsewhere.
@@ -41,12 +63,12 @@ browser:
 
 setup: $(STAMP) browser
 
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(PY) jobs/pipeline.py --config configs/demo.yaml
 
 # The model `make demo` leaves, over HTTP on 127.0.0.1:8000 (the web viewer at /). The API key
 # comes from PGASR_API_KEYS (comma-separated); nothing is served without one.
-serve-demo: $(STAMP)
+serve-demo: $(RUNTIME_STAMP)
 	@test -f runs/demo/stage2/meta.json || { echo "no demo model in runs/demo/stage2: run make demo first"; exit 2; }
 	@test -n "$$PGASR_API_KEYS" || { echo "set an API key first: export PGASR_API_KEYS=\$$(openssl rand -hex 16)"; exit 2; }
 	$(PY) -m serve.app --config configs/demo.yaml --set serve.checkpoint=runs/demo/stage2
@@ -63,5 +85,5 @@ test-fast: $(STAMP)
 # benchmarks/results/bench/{results.json,*.png} and docs/results.md. BENCH_ARGS="--quick" for
 # one seed and three rows; BENCH_ARGS="--render-only" re-renders the Markdown from the JSON.
 BENCH_ARGS ?=
-bench: $(STAMP)
+bench: $(RUNTIME_STAMP)
 	$(PY) -m pgasr.report --config configs/bench.yaml $(BENCH_ARGS)

@@ -139,11 +139,6 @@ def _at_scale(cfg, scale: int):
 def run_pipeline(cfg, address=None, from_step: str = "prepare",
                  baseline_seconds: float | None = None,
                  baselines: tuple[str, ...] = ("cnn",)) -> dict:
-    from jobs.evaluate import run_evaluate
-    from jobs.prepare import run_prepare
-    from jobs.priors import run_priors
-    from jobs.train_stage import run_stage
-
     if from_step not in STEPS:
         raise ValueError(f"--from-stage must be one of {STEPS}")
     from pgasr.baseline import BASELINES
@@ -151,11 +146,49 @@ def run_pipeline(cfg, address=None, from_step: str = "prepare",
     if not baselines or any(b not in BASELINES for b in baselines):
         raise ValueError(f"--baselines must be a comma-separated subset of "
                          f"{', '.join(BASELINES)}, got {','.join(baselines) or 'nothing'}")
+    from pgasr.tracking import Run
+
     init_ray(address, cfg)
     out = Path(cfg.run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
     todo = STEPS[STEPS.index(from_step):]
+    # the pipeline's MLflow run: config, timings, test-split scores, the report; the stage
+    # runs are its children
+    tracked = Run.create(cfg, "pipeline", tags={"pgasr.steps": ",".join(todo)})
+    try:
+        res = _run_steps(cfg, address, todo, baseline_seconds, baselines, out, tracked)
+    except BaseException:
+        tracked.end(failed=True)
+        raise
+    _track_results(tracked, res, out)
+    tracked.end()
+    return res
+
+
+def _track_results(tracked, res: dict, out: Path) -> None:
+    """Timings, the test-split scores and the report of a finished pipeline, into its run."""
+    tracked.log_metrics({f"seconds_{k}": v for k, v in res["timings"].items()})
+    ev = res.get("eval")
+    if ev:
+        s = ev["summary"]
+        tracked.log_metrics({"test_psnr": s["psnr"]["mean"], "test_ssim": s["ssim"]["mean"],
+                             "test_bicubic_psnr": s["bicubic_psnr"]["mean"],
+                             "test_bicubic_ssim": s["bicubic_ssim"]["mean"],
+                             "test_gain_db": ev.get("gain_db", 0.0)})
+    b = res.get("baseline")
+    if b:
+        tracked.log_metrics({f"baseline_psnr_{k}": v for k, v in b["psnr"].items()})
+    for f in ("report.md", "volume_slices.png", "baseline.json"):
+        tracked.log_artifact(out / f, "report")
+
+
+def _run_steps(cfg, address, todo, baseline_seconds, baselines, out: Path, tracked) -> dict:
+    from jobs.evaluate import run_evaluate
+    from jobs.prepare import run_prepare
+    from jobs.priors import run_priors
+    from jobs.train_stage import run_stage
+
+    timings: dict[str, float] = {}
     scale = cfg.stage2.scale
 
     def timed(name, fn, *a, **kw):
@@ -170,14 +203,14 @@ def run_pipeline(cfg, address=None, from_step: str = "prepare",
     if "priors" in todo and cfg.model.acg:
         timed("priors", run_priors, cfg, address)
     if "stage1" in todo:
-        timed("stage1", run_stage, 1, cfg, address)
+        timed("stage1", run_stage, 1, cfg, address, parent=tracked)
     # One stage 2 per scale on the shared stage 1 (RUN_DIR/stage2, RUN_DIR/stage2_x4, ...);
     # the baseline, sr and report steps use the x{stage2.scale} model.
     extra = [s for s in cfg.stage2.scales if s != scale]
     if "stage2" in todo:
-        timed("stage2", run_stage, 2, cfg, address)
+        timed("stage2", run_stage, 2, cfg, address, parent=tracked)
         for s in extra:
-            timed(f"stage2_x{s}", run_stage, 2, _at_scale(cfg, s), address)
+            timed(f"stage2_x{s}", run_stage, 2, _at_scale(cfg, s), address, parent=tracked)
     baseline = None
     if "baseline" in todo:
         from pgasr.baseline import compare_with_pgasr
@@ -230,7 +263,10 @@ def run_pipeline(cfg, address=None, from_step: str = "prepare",
             eval_res = json.loads((out / f"eval_x{scale}" / "metrics.json").read_text())
         report = _report(cfg, timings, eval_res, sr_path, hr_path, lr_path, out, baseline)
         print(f"\nreport: {report}")
-    return {"timings": timings, "eval": eval_res}
+    if tracked:
+        print(f"MLflow: run {tracked.run_id} at {tracked.uri} (browse: mlflow ui "
+              f"--backend-store-uri {tracked.uri})")
+    return {"timings": timings, "eval": eval_res, "baseline": baseline}
 
 
 def main(args) -> int:

@@ -72,6 +72,7 @@ def _train_loop(config: dict) -> None:
     import torch
 
     from pgasr.checkpoint import load_checkpoint
+    from pgasr.tracking import Run
     from pgasr.training import fit
 
     logging.basicConfig(level=logging.INFO,
@@ -82,6 +83,9 @@ def _train_loop(config: dict) -> None:
     rank = ctx.get_world_rank()
     sc = cfg.stage1 if stage == 1 else cfg.stage2
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    # the driver's MLflow run of this stage: rank 0 logs every epoch into it (after a
+    # restart too: the same run id comes back with the loop config)
+    tracked = Run.from_dict(config.get("tracking") if rank == 0 else None)
 
     resume = None
     ckpt = ray.train.get_checkpoint()
@@ -139,6 +143,7 @@ def _train_loop(config: dict) -> None:
 
     def report(metrics: dict, ckpt_dir: Path | None) -> None:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        tracked.log_metrics(clean, step=int(clean.get("step", 0)))
         if ckpt_dir is not None:
             ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)))
             shutil.rmtree(Path(ckpt_dir).parent, ignore_errors=True)
@@ -173,7 +178,7 @@ def _finished(resume, sc) -> bool:
 
 
 def make_trainer(stage: int, cfg: RunConfig, *, name: str | None = None,
-                 callbacks: list | None = None):
+                 callbacks: list | None = None, tracking: dict | None = None):
     """The ``TorchTrainer`` of one stage (Ray must already be initialised).
 
     Args:
@@ -184,6 +189,7 @@ def make_trainer(stage: int, cfg: RunConfig, *, name: str | None = None,
             ``{cfg.name}-stage{N}``); a run started again under the same name resumes.
         callbacks: Ray Train ``UserCallback``s, e.g. Tune's ``TuneReportCallback`` when the
             run is a Tune trial.
+        tracking: an MLflow run (``pgasr.tracking.Run.to_dict()``) rank 0 logs metrics into.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
@@ -222,6 +228,7 @@ def make_trainer(stage: int, cfg: RunConfig, *, name: str | None = None,
         train_loop_config={"cfg": config_to_dict(cfg), "stage": stage, "meta": meta,
                            "stage1_checkpoint": stage1_ckpt, "columns": columns,
                            "val_dir": str(src.resolve()) if has_val else None,
+                           "tracking": tracking,
                            "threads": res.torch_threads or max(1, int(res.cpus_per_worker))},
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker={"CPU": res.cpus_per_worker}),
@@ -243,12 +250,14 @@ def default_run_name(stage: int, cfg: RunConfig) -> str:
 
 
 def run_stage(stage: int, cfg: RunConfig, address: str | None = None, *,
-              name: str | None = None, out: str | Path | None = None) -> Path:
+              name: str | None = None, out: str | Path | None = None, parent=None) -> Path:
     """Run one stage on the cluster; export the final checkpoint to ``out`` (default
     ``{run_dir}/{stage_dirname(stage, stage2.scale)}``, with a ``.json`` summary beside it).
 
     ``name`` is the Ray Train run name (default :func:`default_run_name`): running again under
     the same name and ``resources.storage_path`` resumes from the latest checkpoint.
+    The stage is an MLflow run (:mod:`pgasr.tracking`; a child of ``parent``, the pipeline's
+    run) with the config, every epoch's metrics and the checkpoint's ``meta.json``.
 
     Raises:
         pgasr.provenance.ForeignDirectoryError: ``out`` exists and is neither empty nor a
@@ -257,14 +266,21 @@ def run_stage(stage: int, cfg: RunConfig, address: str | None = None, *,
     from jobs.common import init_ray
     from pgasr.checkpoint import publish_checkpoint
     from pgasr.provenance import CHECKPOINT_MARKER, check_replaceable
+    from pgasr.tracking import Run
 
     out = Path(out) if out is not None else Path(cfg.run_dir) / stage_dirname(stage, cfg.stage2.scale)
     check_replaceable(out, CHECKPOINT_MARKER)  # before training, not after it
     init_ray(address, cfg)
-    trainer = make_trainer(stage, cfg, name=name)
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"stage {stage} finished without a checkpoint ({result.error})")
+    tracked = Run.create(cfg, out.name, parent=parent, tags={"pgasr.ray_run": name
+                                                            or default_run_name(stage, cfg)})
+    try:
+        trainer = make_trainer(stage, cfg, name=name, tracking=tracked.to_dict())
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"stage {stage} finished without a checkpoint ({result.error})")
+    except BaseException:
+        tracked.end(failed=True)
+        raise
     # Copied beside the destination, verified and renamed in: a crash never leaves half a
     # checkpoint there, and only an earlier checkpoint (or an empty dir) is replaced.
     with result.checkpoint.as_directory() as d:
@@ -273,6 +289,9 @@ def run_stage(stage: int, cfg: RunConfig, address: str | None = None, *,
                "metrics": result.metrics}
     atomic_write_text(out.parent / f"{out.name}.json", json.dumps(summary, indent=1,
                                                                   default=str))
+    for f in ("meta.json", "config.yaml"):
+        tracked.log_artifact(out / f, "checkpoint")
+    tracked.end()
     print(f"stage {stage} done: checkpoint {out}\n  metrics: "
           + json.dumps({k: round(v, 4) if isinstance(v, float) else v
                         for k, v in (result.metrics or {}).items()}))

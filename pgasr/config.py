@@ -38,6 +38,7 @@ __all__ = [
     "Stage1Config",
     "Stage2Config",
     "SynthConfig",
+    "TrackingConfig",
     "TuneConfig",
     "load_config",
     "dump_config",
@@ -211,6 +212,18 @@ class ServeConfig(Section):
         return self
 
 
+class TrackingConfig(Section):
+    """Experiment tracking on MLflow (:mod:`pgasr.tracking`, ``docs/training.md``): every
+    stage, pipeline, Tune trial and bench run logs its config, per-epoch metrics and small
+    artefacts."""
+
+    mlflow: bool = True
+    # "" -> $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the driver's directory (what
+    # `mlflow ui` opens there). On a multi-node cluster use a tracking server (http://...).
+    uri: str = ""
+    experiment: str = ""  # "" -> the config's name
+
+
 class SearchSpace(Section):
     """The search space of one swept loss weight (``tune.alpha1``, ``tune.alpha2``,
     ``tune.beta``), written as a mapping; a plain YAML list is shorthand for ``values``.
@@ -284,6 +297,7 @@ class RunConfig(Section):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _checks(self) -> RunConfig:

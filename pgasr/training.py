@@ -376,9 +376,23 @@ def train_local(stage: int, cfg: RunConfig, data_dir: str | Path, out_dir: str |
 
         meta["prior"] = build_prior(cfg.prior).describe()
 
+    from pgasr.tracking import Run
+
+    tracked = Run.create(cfg, f"stage{stage}", tags={"pgasr.runner": "train-local",
+                                                     "pgasr.checkpoint": str(out_dir)})
+
     def report(metrics: dict, ckpt: Path | None) -> None:
         shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
         print(f"stage {stage} epoch {metrics['epoch']}: {shown}", flush=True)
+        tracked.log_metrics(metrics, step=int(metrics.get("step", 0)))
 
-    return fit(stage, cfg, batches, val_rows=val, stage1_checkpoint=stage1_checkpoint,
-               report=report, checkpoint_dir=out_dir, extra_meta=meta)
+    try:
+        res = fit(stage, cfg, batches, val_rows=val, stage1_checkpoint=stage1_checkpoint,
+                  report=report, checkpoint_dir=out_dir, extra_meta=meta)
+    except BaseException:
+        tracked.end(failed=True)
+        raise
+    for f in ("meta.json", "config.yaml"):
+        tracked.log_artifact(Path(out_dir) / f, "checkpoint")
+    tracked.end()
+    return res

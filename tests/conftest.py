@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ import pytest
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.pop("RAY_ADDRESS", None)
+# MLflow runs of tests that track go to a throw-away store, never to the user's server or to an
+# mlflow.db in the checkout (the test presets turn tracking off; tests that track set a URI)
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='pgasr-mlflow-')}/mlflow.db"
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))

@@ -655,7 +655,8 @@ def test_dockerfile_and_dockerignore():
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     assert f"ARG RAY_IMAGE=rayproject/ray:{ray_version()}-{py}-gpu" in text
     assert re.search(r"^FROM \$\{RAY_IMAGE\}$", text, re.M)
-    assert "pip install -e ." in text and "pip install --no-deps -e ." in text
+    assert 'pip install -c requirements.lock -e ".[serve]"' in text
+    assert "pip install --no-deps -e ." in text
     assert f"docker build -t {IMAGE} ." in text
     for line in re.findall(r"^COPY (.+)$", text, re.M):
         for src in [s for s in line.split()[:-1] if not s.startswith("--")]:

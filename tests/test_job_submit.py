@@ -32,7 +32,8 @@ def test_job_submit_stage2(job_head, tmp_path):
     sets = [f"synth.out_dir={tmp_path}/synth", f"data.prepared_dir={tmp_path}/prepared",
             f"run_dir={tmp_path}/runs", f"resources.storage_path={tmp_path}/ray",
             "resources.num_workers=2", "model.acg=false", "stage1.epochs=1", "stage2.epochs=1",
-            "stage1.batch_size=4", "stage2.batch_size=4", "data.slices_per_volume=8", *TINY_MODEL]
+            "stage1.batch_size=4", "stage2.batch_size=4", "data.slices_per_volume=8", *TINY_MODEL,
+            "tracking.mlflow=true", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
     args = [a for s in sets for a in ("--set", s)]
 
     def submit(script):
@@ -48,7 +49,7 @@ def test_job_submit_stage2(job_head, tmp_path):
 
     from pgasr.training import train_local
 
-    train_local(1, tiny_cfg(tmp_path, "stage1.epochs=1"), tmp_path / "prepared",
+    train_local(1, tiny_cfg(tmp_path, "stage1.epochs=1", *sets[-2:]), tmp_path / "prepared",
                 tmp_path / "runs" / "stage1", progress=False)
     r2, secs = submit("stage2.py")
     out = r2.stdout + r2.stderr
@@ -58,3 +59,18 @@ def test_job_submit_stage2(job_head, tmp_path):
     assert Path(ck.meta["stage1_checkpoint"]).resolve() == (tmp_path / "runs" / "stage1").resolve()
     summary = json.loads((tmp_path / "runs" / "stage2.json").read_text())
     assert summary["checkpoint"].endswith("stage2")
+
+    # MLflow: the job's driver created the stage-2 run, rank 0 logged its epoch into it from
+    # the worker, the driver closed it with the checkpoint's metadata
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("tiny")
+    runs = {r.data.tags["mlflow.runName"]: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"stage1", "stage2"}
+    s2 = runs["stage2"]
+    assert s2.info.status == "FINISHED" and s2.data.tags["pgasr.ray_run"] == "tiny-stage2"
+    assert s2.data.params["stage2.epochs"] == "1"
+    assert [m.value for m in client.get_metric_history(s2.info.run_id, "epoch")] == [0.0]
+    assert "checkpoint/meta.json" in [a.path for a in client.list_artifacts(s2.info.run_id,
+                                                                            "checkpoint")]

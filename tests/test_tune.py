@@ -133,7 +133,8 @@ def tiny_sweep(ray_session, tmp_path_factory):
     4-CPU cluster): 2 trials at once, ASHA on."""
     tmp = tmp_path_factory.mktemp("sweep")
     t0 = time.perf_counter()
-    rc = sweep.main(["--config", str(CONFIG), *_sets(tmp)])
+    rc = sweep.main(["--config", str(CONFIG), *_sets(tmp), "--set", "tracking.mlflow=true",
+                     "--set", f"tracking.uri=sqlite:///{tmp}/mlflow.db"])
     seconds = time.perf_counter() - t0
     out = tmp / "runs" / "tune"
     summary = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").is_file() \
@@ -185,6 +186,16 @@ def test_sweep_trains_stage1_once_per_beta_and_asha_stops_early(tiny_sweep):
 
     md = (out / "results.md").read_text()
     assert md.count("| `") >= 4 and "stopped early" in md
+    # every trial an MLflow run (Ray's MLflowLoggerCallback), with its alphas and epochs
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    runs = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+            if r.data.tags.get("pgasr.sweep")]
+    assert len(runs) == 4
+    assert {(float(r.data.params["beta"]), float(r.data.params["alpha1"])) for r in runs} == {
+        (b, a) for b in (0.1, 0.5) for a in (0.1, 3.0)}
+    assert all("val_psnr" in r.data.metrics for r in runs)
     png = out / "psnr_alpha.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     print(f"\ntiny sweep: {tiny_sweep['seconds']:.0f} s")

@@ -588,8 +588,27 @@ def build_tuner(cfg: RunConfig, space: dict[str, Param], stage1: dict[str, str],
         run_config=ray_tune.RunConfig(
             name=paths.name, storage_path=paths.storage,
             failure_config=ray_tune.FailureConfig(max_failures=t.max_trial_failures),
-            callbacks=[Progress(t.metric, cfg.stage2.epochs, n_trials(cfg, space))]),
+            callbacks=[Progress(t.metric, cfg.stage2.epochs, n_trials(cfg, space)),
+                       *_mlflow_callbacks(cfg, paths)]),
     )
+
+
+def _mlflow_callbacks(cfg: RunConfig, paths: Paths) -> list:
+    """Ray's own MLflow logger: every trial an MLflow run (its alpha/beta as parameters,
+    every reported epoch as metrics) in the sweep's experiment (``tracking.*``)."""
+    from pgasr.tracking import resolve_uri
+
+    uri = resolve_uri(cfg)
+    if uri is None:
+        return []
+    try:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+    except ImportError:
+        log.warning("tracking.mlflow is on but mlflow is not installed: trials are not tracked")
+        return []
+    return [MLflowLoggerCallback(tracking_uri=uri,
+                                 experiment_name=cfg.tracking.experiment or paths.name,
+                                 tags={"pgasr.sweep": paths.name})]
 
 
 # --------------------------------------------------------------------------- results
