@@ -51,7 +51,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--render-only", action="store_true",
+                    help="redraw train_overhead.png from the existing JSON")
     args = ap.parse_args()
+    if args.render_only:
+        print(plot(json.loads((Path(args.out) / "train_overhead.json").read_text()), args.out))
+        return
 
     import ray
     import torch
@@ -101,19 +106,36 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_overhead.json").write_text(json.dumps(report, indent=1))
 
+    plot(report, out)
+    print(json.dumps(summary, indent=1))
+
+
+def plot(report: dict, out: Path) -> Path:
+    """Training throughput in samples/s (global batch / step time) per setup: the plain loop,
+    Ray Train with 1 and 2 workers, from the JSON report."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results)
+    res, batch = report["results"], report["config"]["batch"]
+    workers = {"plain": 1, "ray_1w": 1, "ray_2w": 2}
+    labels = {"plain": "plain loop", "ray_1w": "Ray Train\n1 worker", "ray_2w": "Ray Train\n2 workers"}
+    names = [n for n in workers if n in res]
+    rate = [workers[n] * batch / res[n]["step_s"] for n in names]
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.bar(names, [results[n]["step_s"] for n in names], color=["#777", "#36c", "#3a6"])
-    ax.set_ylabel("seconds per step (median epoch)")
-    ax.set_title(f"Ray Train overhead: x{summary['overhead_ratio_1w']:.2f} (1 worker)")
+    ax.bar([labels[n] for n in names], rate, color=["#777", "#36c", "#3a6"][:len(names)])
+    for i, v in enumerate(rate):
+        ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("training samples / s")
+    s = report["summary"]
+    ax.set_title(f"stage-1 step, {report['config']['size']}² slices, batch {batch}/worker: Ray "
+                 f"1 worker: {1 / s['overhead_ratio_1w']:.2f}x the plain loop's throughput", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "train_overhead.png", dpi=110)
-    print(json.dumps(summary, indent=1))
+    path = Path(out) / "train_overhead.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":
