@@ -416,6 +416,23 @@ def test_checked_in_serve_config_is_private(repo_root):
     assert ServeConfig().host == "127.0.0.1"
 
 
+def test_serve_config_deployments_are_what_serve_build_generates(repo_root, tmp_path):
+    """serve/config.yaml's deployments: block equals the one `serve build serve.bound:app`
+    writes for the same application (replicas, queue limits, CPUs, GPUs, Ray memory)."""
+    import subprocess
+
+    (tmp_path / "ckpt").mkdir()  # build_app checks the directory; replicas would load it
+    env = {**os.environ, "PGASR_API_KEYS": "k" * 24, "PGASR_SERVE_CHECKPOINT": str(tmp_path / "ckpt"),
+           "PYTHONPATH": str(repo_root)}
+    serve_cli = Path(sys.executable).parent / "serve"
+    r = subprocess.run([str(serve_cli), "build", "serve.bound:app", "-o", str(tmp_path / "b.yaml")],
+                       cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (built,) = yaml.safe_load((tmp_path / "b.yaml").read_text())["applications"]
+    (mine,) = yaml.safe_load((repo_root / "serve/config.yaml").read_text())["applications"]
+    assert mine["deployments"] == built["deployments"]
+
+
 @pytest.fixture(scope="module")
 def service(ckpt, key_file):
     """The replica's Service and FastAPI app, in-process (no Ray)."""
