@@ -166,17 +166,32 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(args.url, _api_key(args), timeout=args.timeout)
 
 
+def _paths(args: argparse.Namespace) -> tuple[str, str]:
+    """``--input`` / ``--output`` (or the two positionals), each given once."""
+    got = []
+    for name in ("input", "output"):
+        opt, pos = getattr(args, f"{name}_opt"), getattr(args, name)
+        if opt and pos:
+            raise ValueError(f"give the {name} once (--{name} or the positional), not both")
+        if not (opt or pos):
+            raise ValueError(f"--{name} is required")
+        got.append(opt or pos)
+    return got[0], got[1]
+
+
 def cmd_sr(args: argparse.Namespace) -> None:
-    out = _client(args).sr_file(args.input, args.output, args.scale)
+    src, dst = _paths(args)
+    out = _client(args).sr_file(src, dst, args.scale)
     print(f"wrote {out}")
 
 
 def cmd_slice(args: argparse.Namespace) -> None:
     import numpy as np
 
-    lr = np.load(args.input, allow_pickle=False)
+    src, dst = _paths(args)
+    lr = np.load(src, allow_pickle=False)
     sr = _client(args).sr_slice(lr, args.scale, normalise=not args.no_normalise)
-    out = Path(args.output)
+    out = Path(dst)
     if out.suffix != ".npy":
         raise ValueError(f"output must end in .npy: {out}")
     np.save(out, sr, allow_pickle=False)
@@ -206,19 +221,25 @@ def register(subparsers) -> None:
                              f"command lines are visible to other local users)")
         sp.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
 
+    def in_out(sp, kind_in: str, kind_out: str) -> None:
+        """``--input`` / ``--output`` as in ``pgasr sr``; the two positionals of earlier
+        versions still work."""
+        sp.add_argument("--input", dest="input_opt", metavar="PATH", help=kind_in)
+        sp.add_argument("--output", dest="output_opt", metavar="PATH", help=kind_out)
+        sp.add_argument("input", nargs="?", help=argparse.SUPPRESS)
+        sp.add_argument("output", nargs="?", help=argparse.SUPPRESS)
+
     s = sub.add_parser("sr", help="super-resolve a NIfTI volume through the service")
     common(s)
     s.add_argument("--scale", type=int, default=2)
-    s.add_argument("input", help=".nii or .nii.gz")
-    s.add_argument("output", help=".nii.gz (or .nii)")
+    in_out(s, "LR volume (.nii or .nii.gz)", "SR volume to write (.nii.gz or .nii)")
     s.set_defaults(func=cmd_sr)
 
     s = sub.add_parser("slice", help="super-resolve one .npy slice (h, w) or triplet (3, h, w)")
     common(s)
     s.add_argument("--scale", type=int, default=2)
     s.add_argument("--no-normalise", action="store_true", help="input is already in model units (pgasr.intensity)")
-    s.add_argument("input", help=".npy")
-    s.add_argument("output", help=".npy")
+    in_out(s, "LR slice (.npy)", "SR slice to write (.npy)")
     s.set_defaults(func=cmd_slice)
 
     s = sub.add_parser("info", help="the served model (GET /v1/model)")

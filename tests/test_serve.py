@@ -1235,6 +1235,15 @@ def test_client_library_and_cli(served, tmp_path, monkeypatch):
     args.func(args)
     direct = served.post("/v1/sr?scale=2", content=GZ, headers=H).content
     assert (tmp_path / "sr.nii.gz").read_bytes() == direct
+    # pgasr sr's argument style: --input / --output (the positionals above still work)
+    args = parser.parse_args(["client", "sr", "--url", URL, "--api-key-file", str(keyf),
+                              "--input", str(src), "--output", str(tmp_path / "sr2.nii.gz")])
+    args.func(args)
+    assert (tmp_path / "sr2.nii.gz").read_bytes() == direct
+    for bad in (["--input", str(src)], ["--input", str(src), str(src), "o.nii.gz"]):
+        args = parser.parse_args(["client", "sr", "--url", URL, *bad])
+        with pytest.raises(ValueError, match="--output is required|once"):
+            args.func(args)
     monkeypatch.setenv("PGASR_API_KEY", KEY2)
     args = parser.parse_args(["client", "info", "--url", URL])
     args.func(args)
