@@ -945,7 +945,7 @@ def _real_scans_section(md_path: Path) -> list[str]:
     prefix = os.path.relpath(REAL_SCANS, md_path.parent) + "/"
     return ["## Real scans (generalization check)", "",
             "Model: " + ", ".join(f"x{k} `{v}`" for k, v in r["checkpoints"].items())
-            + f"; residual CNN `{r['cnn']}` (x{r.get('cnn_scale')}), both from `make demo`.", "",
+            + f"; residual CNN `{r['cnn']}` (x{r.get('cnn_scale')}), trained on the same data.", "",
             mod.to_markdown(r, fig_prefix=prefix), ""]
 
 
