@@ -144,6 +144,8 @@ class Run:
             self.uri = self.run_id = None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self:
+            return
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:_PARAM_CHARS]) for k, v in params.items()]

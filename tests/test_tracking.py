@@ -106,3 +106,17 @@ def test_tracking_failures_never_stop_training(tmp_path, caplog):
     assert not good and "no more tracking" in caplog.text
     good.log_metrics({"a": 2.0})
     json.dumps(good.to_dict())  # None, still serialisable
+
+
+def test_without_mlflow_installed_tracking_is_a_warning_and_no_ops(tmp_path, monkeypatch, caplog):
+    for name in [m for m in sys.modules if m == "mlflow" or m.startswith("mlflow.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` raises ImportError
+    run = Run.create(_tracked(tmp_path, tmp_path), "stage1")
+    assert not run and "mlflow is not installed" in caplog.text
+    run.log_params({"a": 1})
+    run.log_metrics({"a": 1.0}, step=1)
+    run.log_artifact(tmp_path)
+    run.set_tags({"a": 1})
+    run.end()
+    assert not (tmp_path / "mlflow.db").exists()
