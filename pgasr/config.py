@@ -392,13 +392,10 @@ def _walk(cls: type, loc: tuple) -> tuple[list[str], type | None]:
             continue
         field = here.model_fields.get(part) if isinstance(part, str) else None
         if field is None:
-            if isinstance(part, str) and not key:
-                key.append(part)
-            elif isinstance(part, str) and (part[:1].isupper() or "[" in part):
-                continue  # a union member's tag
-            else:
-                key.append(str(part))
-            here = None if "[" not in str(part) else here
+            if key and isinstance(part, str) and (part[:1].isupper() or "[" in part):
+                continue  # a union member's tag (SearchSpace, list[float])
+            key.append(str(part))  # an unknown key or a list index: nothing below is a section
+            here = None
             continue
         key.append(part)
         members = [a for a in (typing.get_args(field.annotation) or (field.annotation,))
