@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 log = logging.getLogger("pgasr.tracking")
 
-__all__ = ["Run", "resolve_uri", "flatten"]
+__all__ = ["Run", "flatten", "init_store", "resolve_uri"]
 
 _BATCH = 100  # MLflow's limit on params / metrics per log_batch call
 _PARAM_CHARS = 6000
@@ -45,6 +45,36 @@ def resolve_uri(cfg) -> str | None:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         uri = prefix + str(Path(uri[len(prefix):]).expanduser().resolve())
     return uri
+
+
+def _client(uri: str):
+    """An ``MlflowClient`` for ``uri``. Its first use of a new SQLite store creates the schema
+    (Alembic migrations); processes that do it at once (two stage-1 trainings of a sweep)
+    corrupt each other's migration, so for SQLite it happens under a lock file beside the
+    database and the schema is complete before anyone else looks."""
+    from mlflow import MlflowClient
+
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return MlflowClient(uri)
+    from filelock import FileLock
+
+    db = Path(uri[len(prefix):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock"):
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # the store (and its schema) exists now
+    return client
+
+
+def init_store(uri: str | None) -> None:
+    """Create the tracking store's schema now (for code that opens the store through MLflow
+    itself afterwards, e.g. Ray's MLflowLoggerCallback beside concurrent Ray tasks)."""
+    if uri:
+        try:
+            _client(uri)
+        except ImportError:
+            pass
 
 
 def _artifact_root(uri: str, experiment: str) -> str | None:
@@ -92,13 +122,13 @@ class Run:
         if uri is None:
             return cls()
         try:
-            from mlflow import MlflowClient
+            import mlflow  # noqa: F401
         except ImportError:
             log.warning("tracking.mlflow is on but mlflow is not installed: runs are not "
                         "tracked (pip install mlflow, or --set tracking.mlflow=false)")
             return cls()
         try:
-            client = MlflowClient(uri)
+            client = _client(uri)
             experiment = cfg.tracking.experiment or cfg.name
             exp = client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else client.create_experiment(
@@ -134,9 +164,7 @@ class Run:
             return
         try:
             if self._client is None:
-                from mlflow import MlflowClient
-
-                self._client = MlflowClient(self.uri)
+                self._client = _client(self.uri)
             fn(self._client)
         except Exception as e:
             log.warning("MLflow %s failed for run %s at %s (%s): no more tracking of this "

@@ -120,3 +120,22 @@ def test_without_mlflow_installed_tracking_is_a_warning_and_no_ops(tmp_path, mon
     run.set_tags({"a": 1})
     run.end()
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_concurrent_first_use_of_a_sqlite_store(tmp_path):
+    """Two processes creating runs in a new SQLite store at once (a sweep's two stage-1
+    trainings): the schema is created once, under the lock, and both runs exist."""
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + '/tests');"
+            "from pathlib import Path; from test_tracking import _tracked; from pgasr.tracking import Run;"
+            "r = Run.create(_tracked(Path(sys.argv[2]), Path(sys.argv[2])), sys.argv[3], log_config=False);"
+            "assert r, 'no run'; r.end()")
+    root = str(Path(__file__).resolve().parent.parent)
+    procs = [subprocess.Popen([sys.executable, "-c", code, root, str(tmp_path), f"run{i}"],
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errs
+    client = _client(tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["run0", "run1", "run2"]

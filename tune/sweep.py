@@ -596,7 +596,7 @@ def build_tuner(cfg: RunConfig, space: dict[str, Param], stage1: dict[str, str],
 def _mlflow_callbacks(cfg: RunConfig, paths: Paths) -> list:
     """Ray's own MLflow logger: every trial an MLflow run (its alpha/beta as parameters,
     every reported epoch as metrics) in the sweep's experiment (``tracking.*``)."""
-    from pgasr.tracking import resolve_uri
+    from pgasr.tracking import init_store, resolve_uri
 
     uri = resolve_uri(cfg)
     if uri is None:
@@ -606,6 +606,7 @@ def _mlflow_callbacks(cfg: RunConfig, paths: Paths) -> list:
     except ImportError:
         log.warning("tracking.mlflow is on but mlflow is not installed: trials are not tracked")
         return []
+    init_store(uri)  # the callback opens the store unlocked
     return [MLflowLoggerCallback(tracking_uri=uri,
                                  experiment_name=cfg.tracking.experiment or paths.name,
                                  tags={"pgasr.sweep": paths.name})]
