@@ -155,13 +155,9 @@ def run_pipeline(cfg, address=None, from_step: str = "prepare",
     # the pipeline's MLflow run: config, timings, test-split scores, the report; the stage
     # runs are its children
     tracked = Run.create(cfg, "pipeline", tags={"pgasr.steps": ",".join(todo)})
-    try:
+    with tracked:
         res = _run_steps(cfg, address, todo, baseline_seconds, baselines, out, tracked)
-    except BaseException:
-        tracked.end(failed=True)
-        raise
-    _track_results(tracked, res, out)
-    tracked.end()
+        _track_results(tracked, res, out)
     return res
 
 

@@ -273,25 +273,21 @@ def run_stage(stage: int, cfg: RunConfig, address: str | None = None, *,
     init_ray(address, cfg)
     tracked = Run.create(cfg, out.name, parent=parent, tags={"pgasr.ray_run": name
                                                             or default_run_name(stage, cfg)})
-    try:
+    with tracked:  # FAILED if anything below raises, else FINISHED
         trainer = make_trainer(stage, cfg, name=name, tracking=tracked.to_dict())
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"stage {stage} finished without a checkpoint ({result.error})")
-    except BaseException:
-        tracked.end(failed=True)
-        raise
-    # Copied beside the destination, verified and renamed in: a crash never leaves half a
-    # checkpoint there, and only an earlier checkpoint (or an empty dir) is replaced.
-    with result.checkpoint.as_directory() as d:
-        publish_checkpoint(d, out)
-    summary = {"stage": stage, "checkpoint": str(out), "ray_checkpoint": result.checkpoint.path,
-               "metrics": result.metrics}
-    atomic_write_text(out.parent / f"{out.name}.json", json.dumps(summary, indent=1,
-                                                                  default=str))
-    for f in ("meta.json", "config.yaml"):
-        tracked.log_artifact(out / f, "checkpoint")
-    tracked.end()
+        # Copied beside the destination, verified and renamed in: a crash never leaves half a
+        # checkpoint there, and only an earlier checkpoint (or an empty dir) is replaced.
+        with result.checkpoint.as_directory() as d:
+            publish_checkpoint(d, out)
+        summary = {"stage": stage, "checkpoint": str(out),
+                   "ray_checkpoint": result.checkpoint.path, "metrics": result.metrics}
+        atomic_write_text(out.parent / f"{out.name}.json", json.dumps(summary, indent=1,
+                                                                      default=str))
+        for f in ("meta.json", "config.yaml"):
+            tracked.log_artifact(out / f, "checkpoint")
     print(f"stage {stage} done: checkpoint {out}\n  metrics: "
           + json.dumps({k: round(v, 4) if isinstance(v, float) else v
                         for k, v in (result.metrics or {}).items()}))

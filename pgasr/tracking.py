@@ -35,15 +35,23 @@ _BATCH = 100  # MLflow's limit on params / metrics per log_batch call
 _PARAM_CHARS = 6000
 
 
+_SQLITE = "sqlite:///"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for any other store)."""
+    return Path(uri[len(_SQLITE):]) if uri.startswith(_SQLITE) else None
+
+
 def resolve_uri(cfg) -> str | None:
     """The tracking URI of ``cfg`` (None: tracking off), relative SQLite paths made absolute."""
     t = cfg.tracking
     if not t.mlflow:
         return None
-    uri = t.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        uri = prefix + str(Path(uri[len(prefix):]).expanduser().resolve())
+    uri = t.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"{_SQLITE}mlflow.db"
+    db = _sqlite_path(uri)
+    if db is not None and not db.is_absolute():
+        uri = _SQLITE + str(db.expanduser().resolve())
     return uri
 
 
@@ -54,12 +62,11 @@ def _client(uri: str):
     database and the schema is complete before anyone else looks."""
     from mlflow import MlflowClient
 
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix):
+    db = _sqlite_path(uri)
+    if db is None:
         return MlflowClient(uri)
     from filelock import FileLock
 
-    db = Path(uri[len(prefix):])
     db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{db}.lock"):
         client = MlflowClient(uri)
@@ -81,10 +88,8 @@ def _artifact_root(uri: str, experiment: str) -> str | None:
     """Artefacts of a SQLite store beside the database (``mlartifacts/<experiment>``), as an
     absolute location that every process and worker resolves alike; the server's default
     for any other store."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix):
-        return None
-    return (Path(uri[len(prefix):]).parent / "mlartifacts" / experiment).as_uri()
+    db = _sqlite_path(uri)
+    return None if db is None else (db.parent / "mlartifacts" / experiment).as_uri()
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -203,6 +208,13 @@ class Run:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():
             self._call("set_tag", lambda c, k=k, v=v: c.set_tag(self.run_id, k, str(v)))
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Ends the run: FAILED when the block raised (the exception goes on), else FINISHED."""
+        self.end(failed=exc_type is not None)
 
     def end(self, failed: bool = False) -> None:
         self._call("end", lambda c: c.set_terminated(self.run_id,

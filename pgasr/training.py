@@ -386,13 +386,9 @@ def train_local(stage: int, cfg: RunConfig, data_dir: str | Path, out_dir: str |
         print(f"stage {stage} epoch {metrics['epoch']}: {shown}", flush=True)
         tracked.log_metrics(metrics, step=int(metrics.get("step", 0)))
 
-    try:
+    with tracked:
         res = fit(stage, cfg, batches, val_rows=val, stage1_checkpoint=stage1_checkpoint,
                   report=report, checkpoint_dir=out_dir, extra_meta=meta)
-    except BaseException:
-        tracked.end(failed=True)
-        raise
-    for f in ("meta.json", "config.yaml"):
-        tracked.log_artifact(Path(out_dir) / f, "checkpoint")
-    tracked.end()
+        for f in ("meta.json", "config.yaml"):
+            tracked.log_artifact(Path(out_dir) / f, "checkpoint")
     return res

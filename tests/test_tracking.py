@@ -139,3 +139,15 @@ def test_concurrent_first_use_of_a_sqlite_store(tmp_path):
     client = _client(tmp_path)
     runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["run0", "run1", "run2"]
+
+
+def test_run_as_a_context_ends_failed_on_an_exception(tmp_path):
+    cfg = _tracked(tmp_path, tmp_path)
+    with pytest.raises(KeyError):
+        with Run.create(cfg, "stage1", log_config=False) as bad:
+            raise KeyError("boom")
+    with Run.create(cfg, "stage2", log_config=False) as good:
+        good.log_metrics({"a": 1.0})
+    client = _client(tmp_path)
+    assert client.get_run(bad.run_id).info.status == "FAILED"
+    assert client.get_run(good.run_id).info.status == "FINISHED"
