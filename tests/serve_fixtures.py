@@ -11,7 +11,8 @@ import numpy as np
 # The tiny model of tests/test_inference.py.
 TINY = ["model.channels=[8,8,8,8]", "model.n_z=8", "model.decoder_channels=8",
         "model.window_size=4", "model.num_heads=2", "model.dat_depth=1", "model.disc_channels=8",
-        "model.codebook_size=16", "prior.backend=tissue"]
+        "model.codebook_size=16", "prior.backend=tissue",
+        "tracking.mlflow=false"]  # tracked runs are tests/test_tracking.py's
 
 
 def make_tiny_checkpoint(d: str | Path, scales=(2,), seed: int = 0,

@@ -36,6 +36,16 @@ def test_overrides_typed():
     assert cfg.data.scales == [2]
 
 
+def test_yaml_off_for_a_string_field_is_the_word(tmp_path):
+    """YAML 1.1 reads ``off`` as False: ``stage2.residual_head=off`` must mean "off"."""
+    assert load_config(None, ["stage2.residual_head=off"]).stage2.residual_head == "off"
+    p = tmp_path / "c.yaml"
+    p.write_text("stage2:\n  residual_head: off\n")
+    assert load_config(p).stage2.residual_head == "off"
+    with pytest.raises(ConfigError, match="stage1.epochs"):  # still no booleans for numbers
+        load_config(None, ["stage1.epochs=off"])
+
+
 @pytest.mark.parametrize("bad", ["data.nope=1", "nope.x=1", "data.slices_per_volume", "data.size=abc",
                                  "data.scales=[3]", "model.acg=maybe"])
 def test_bad_overrides(bad):

@@ -32,6 +32,7 @@ def tiny_overrides(tmp: Path) -> list[str]:
         "bench.seeds=[0]", "bench.scales=[2]", "bench.baseline_max_seconds=2",
         "bench.figure_slices=2", f"bench.out_dir={tmp}/bench", f"bench.report={tmp}/results.md",
         f"bench.collect_dir={ROOT}/benchmarks/results",
+        "tracking.mlflow=false",  # tracked runs are tests/test_tracking.py's (MLflow costs seconds)
     ]
 
 
