@@ -205,6 +205,9 @@ class ServeConfig(Section):
     body_idle_timeout_s: float = 10.0  # longest pause between two chunks of a body
     bf16: bool = False  # autocast on CUDA replicas
     allow_no_auth: bool = False  # development only: no API key needed (loud warning)
+    # /openapi.json and its page /docs (Swagger UI, whose script comes from a CDN): they
+    # describe the routes, not the model; every /v1 call still needs a key. false: both 404.
+    docs: bool = True
 
     @model_validator(mode="after")
     def _checks(self) -> ServeConfig:

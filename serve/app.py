@@ -9,7 +9,12 @@ and is what ``cluster/kuberay/rayservice.yaml`` imports (``args: {config, overri
 Nothing starts at import time.
 
 One deployment, :class:`PGASRServer`, is both the FastAPI ingress and the model holder (no
-second hop for volumes that can be hundreds of MB). Routes (``docs/serve.md``):
+second hop for volumes that can be hundreds of MB). Its app is built in the replica, after the
+model is loaded, by Serve's deferred ingress (``@serve.ingress()`` with
+``__serve_build_asgi_app__``, the documented form for an app that needs the replica's state);
+:func:`make_api` builds the same app without Serve for in-process tests. Query parameters are
+typed (FastAPI), the API key is a dependency checked before them, and ``/openapi.json`` +
+``/docs`` document it all (``serve.docs``). Routes (``docs/serve.md``):
 
 * ``POST /v1/sr?scale=2[&contrast=T1w][&resample=true]`` .nii/.nii.gz or DICOM-series .zip
   body (raw or multipart field ``file``) -> SR volume as .nii.gz; exactly
@@ -45,12 +50,14 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Annotated, Any, AsyncIterator, Callable
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader, HTTPBearer
+from pydantic import AfterValidator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -347,43 +354,57 @@ async def read_body(request: Request, max_bytes: int, deadline: Deadline,
     return b"".join(chunks)
 
 
-def parse_scale(request: Request, scales: list[int]) -> int:
-    raw = request.query_params.get("scale")
-    if raw is None:
+def check_scale(scale: int | None, scales: list[int]) -> int:
+    """``?scale=`` (typed 2 or 4 by the route) against the scales this replica's checkpoints
+    were trained for; may be left out when there is one."""
+    if scale is None:
         if len(scales) == 1:
             return scales[0]
         raise ApiError(422, "invalid_input", f"query parameter scale is required (one of {scales})")
-    try:
-        scale = int(raw)
-    except ValueError:
-        raise ApiError(422, "invalid_input", f"scale must be an integer, got {raw[:20]!r}") from None
     if scale not in scales:
         raise ApiError(422, "unsupported_scale",
                        f"scale {scale} not supported by this checkpoint (trained for {scales})")
     return scale
 
 
-def parse_contrast(request: Request) -> str | None:
-    """``?contrast=`` (T1, T2w, FLAIR, ...): what the uploaded image is, so the response can
-    warn when the model was trained on another contrast."""
-    raw = request.query_params.get("contrast")
-    if raw is None:
-        return None
+def _contrast(raw: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9]{1,32}", raw):
-        raise ApiError(422, "invalid_input", "contrast must be 1-32 letters/digits (T1, T2w, "
-                       f"FLAIR, ...), got {raw[:20]!r}")
+        raise ValueError(f"contrast must be 1-32 letters/digits (T1, T2w, FLAIR, ...), "
+                         f"got {raw[:20]!r}")
     return raw
 
 
-def parse_bool(request: Request, name: str, default: bool) -> bool:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    if raw.lower() in ("1", "true", "yes"):
-        return True
-    if raw.lower() in ("0", "false", "no"):
-        return False
-    raise ApiError(422, "invalid_input", f"{name} must be true or false, got {raw[:20]!r}")
+# The typed query parameters of the /v1 routes (validated by FastAPI before the body is read;
+# a failure is a JSON 422 naming the parameter; documented in /openapi.json).
+SCALES = (2, 4)  # what the project trains (data.scales)
+
+
+def _scale(v: int | None) -> int | None:
+    if v is not None and v not in SCALES:
+        raise ValueError(f"scale must be one of {list(SCALES)}, got {v}")
+    return v
+
+
+ScaleQuery = Annotated[int | None, AfterValidator(_scale), Query(
+    json_schema_extra={"enum": list(SCALES)},
+    description="SR factor; may be left out when the served checkpoints have one scale")]
+ContrastQuery = Annotated[str | None, AfterValidator(lambda v: v and _contrast(v)), Query(
+    max_length=64, description="what the upload is (T1w, T2w, FLAIR, ...): the answer carries "
+    "X-PGASR-Warning when the model was trained on another contrast")]
+ResampleQuery = Annotated[bool, Query(
+    description="resample an anisotropic volume to the training voxel size first")]
+NormaliseQuery = Annotated[bool, Query(
+    description="z-score the slice with its own statistics and return it in the input's units")]
+
+
+def _validation_detail(errors) -> str:
+    """``scale (query): Input should be 2 or 4; ...`` from FastAPI's validation errors."""
+    parts = []
+    for e in errors:
+        loc = [str(x) for x in e.get("loc", ())]
+        where = f"{'.'.join(loc[1:])} ({loc[0]})" if len(loc) > 1 else ".".join(loc)
+        parts.append(f"{where}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts)[:500] or "invalid request"
 
 
 # --------------------------------------------------------------------------- job slots
@@ -713,10 +734,39 @@ def _admit(slots: JobSlots | None) -> Slot | None:
     return slot
 
 
+# What the OpenAPI page says a /v1 POST takes: raw bytes (or multipart field ``file``).
+def _body_doc(types: set[str], what: str) -> dict:
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    content = {t: binary for t in sorted(types)}
+    content[MULTIPART] = {"schema": {"type": "object", "required": ["file"],
+                                     "properties": {"file": {"type": "string", "format": "binary"}}}}
+    return {"requestBody": {"required": True, "description": what, "content": content}}
+
+
+ERROR_RESPONSES = {
+    code: {"description": what, "content": {"application/json": {"example": {
+        "error": name, "detail": "why, in words"}}}}
+    for code, name, what in [
+        (401, "unauthorized", "no or a wrong API key"),
+        (408, "timeout", "the body or the computation took too long"),
+        (413, "too_large", "body, voxels or pixels over the service's caps (GET /v1/model)"),
+        (415, "unsupported_media_type", "a Content-Type the route does not take"),
+        (422, "invalid_input", "a bad query parameter or an input that is not a valid image"),
+        (503, "busy", "the replica's queue is full (Retry-After)"),
+    ]}
+
+
 def make_api(svc: Service) -> FastAPI:
     """The FastAPI app of one replica (usable without Serve, e.g. with httpx's ASGI
-    transport)."""
-    app = FastAPI(title="PGASR", docs_url=None, redoc_url=None, openapi_url=None)
+    transport). ``serve.docs`` serves the OpenAPI schema at ``/openapi.json`` and its page at
+    ``/docs`` (they describe the routes; every ``/v1`` call still needs a key)."""
+    from pgasr import __version__
+
+    docs = svc.scfg.docs
+    app = FastAPI(title="PGASR", version=__version__,
+                  description="MRI super-resolution (PGASR) over HTTP; docs/serve.md.",
+                  docs_url="/docs" if docs else None, redoc_url=None,
+                  openapi_url="/openapi.json" if docs else None)
     app.add_middleware(JsonErrors)
 
     @app.exception_handler(ApiError)
@@ -730,7 +780,7 @@ def make_api(svc: Service) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, e: RequestValidationError):
-        return _error(422, "invalid_input", str(e.errors())[:500])
+        return _error(422, "invalid_input", _validation_detail(e.errors()))
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, e: Exception):
@@ -742,6 +792,16 @@ def make_api(svc: Service) -> FastAPI:
         if api is None:
             raise e
         raise api from None
+
+    # The key is a dependency: FastAPI runs it before it validates the query, so a request
+    # without a valid key learns nothing else. The two schemes document the headers.
+    api_key = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="X-API-Key")
+    bearer = HTTPBearer(auto_error=False, scheme_name="Bearer")
+
+    async def authorised(request: Request, _key=Security(api_key), _bearer=Security(bearer)):
+        svc.keys.check(request.headers)
+
+    v1 = {"dependencies": [Depends(authorised)], "responses": ERROR_RESPONSES}
 
     @app.get("/healthz")
     async def healthz():
@@ -768,26 +828,27 @@ def make_api(svc: Service) -> FastAPI:
             "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
             "Referrer-Policy": "no-referrer"})
 
-    @app.get("/v1/model")
-    async def model(request: Request):
-        svc.keys.check(request.headers)
+    @app.get("/v1/model", dependencies=v1["dependencies"],
+             responses={401: ERROR_RESPONSES[401]})
+    async def model():
+        """The served model: ``Predictor.describe()`` and the service's limits."""
         return JSONResponse({**svc.predictor.describe(), "limits": svc.limits()},
                             headers={"Cache-Control": "no-store"})
 
     @contextlib.asynccontextmanager
-    async def v1_call(request: Request, allowed: set[str], flags: dict[str, bool] | None = None,
+    async def v1_call(request: Request, allowed: set[str], scale: int | None,
+                      contrast: str | None = None, flags: dict[str, bool] | None = None,
                       slots: JobSlots | None = None) -> AsyncIterator[V1Call]:
-        """The prologue and epilogue every ``POST /v1/sr*`` route shares: API key, ``scale``,
-        boolean query ``flags`` (name -> default), media type, a job slot from ``slots``
+        """The prologue and epilogue every ``POST /v1/sr*`` route shares after the key and the
+        typed query: ``scale`` against the checkpoints, the contrast warning, media type, a
+        job slot from ``slots``
         (503 when full, before the body is read), deadline, the body (read under the size
         cap and body timeouts, multipart unwrapped) and the in-flight count; input and
         compute errors raised inside the block become JSON 4xx/5xx (others reach
         :class:`JsonErrors`)."""
-        svc.keys.check(request.headers)
-        scale = parse_scale(request, svc.scales)
-        contrast = parse_contrast(request)
+        scale = check_scale(scale, svc.scales)
         warning = svc.predictor.contrast_warning(contrast, scale) if contrast else None
-        parsed = {k: parse_bool(request, k, d) for k, d in (flags or {}).items()}
+        parsed = dict(flags or {})
         mt = media_type(request, allowed)
         deadline = Deadline(svc.scfg.request_timeout_s)
         timeouts = BodyTimeouts(svc.scfg.body_timeout_s, svc.scfg.body_idle_timeout_s)
@@ -819,9 +880,13 @@ def make_api(svc: Service) -> FastAPI:
             headers["X-PGASR-Warning"] = call.warning
         return Response(data, media_type=media, headers=headers)
 
-    @app.post("/v1/sr")
-    async def sr_volume(request: Request):
-        async with v1_call(request, VOLUME_TYPES, {"resample": False},
+    @app.post("/v1/sr", response_class=Response, **v1, openapi_extra=_body_doc(
+        VOLUME_TYPES, "a 3-D volume: .nii / .nii.gz, or a .zip of one DICOM series"))
+    async def sr_volume(request: Request, scale: ScaleQuery = None, contrast: ContrastQuery = None,
+                        resample: ResampleQuery = False):
+        """Super-resolve a volume through the slices of its acquisition plane (the code path
+        of ``pgasr sr``); the answer is the SR volume as .nii.gz."""
+        async with v1_call(request, VOLUME_TYPES, scale, contrast, {"resample": resample},
                            slots=svc.volume_slots) as call:
             job = VolumeJob(call.body, call.scale, call.deadline, call.flags["resample"])
             call.body = b""
@@ -834,9 +899,13 @@ def make_api(svc: Service) -> FastAPI:
                                            on_abandon=drop_body)
         return sr_response(call, data, "application/gzip", ".nii.gz", shape)
 
-    @app.post("/v1/sr/slice")
-    async def sr_slice(request: Request):
-        async with v1_call(request, SLICE_TYPES, {"normalise": True}) as call:
+    @app.post("/v1/sr/slice", response_class=Response, **v1, openapi_extra=_body_doc(
+        SLICE_TYPES, "a 2-D .npy or PNG slice, or a (3, h, w) .npy triplet (t-1, t, t+1)"))
+    async def sr_slice(request: Request, scale: ScaleQuery = None, contrast: ContrastQuery = None,
+                       normalise: NormaliseQuery = True):
+        """Super-resolve one slice; the answer is the SR slice as .npy. Slices of concurrent
+        requests share batches."""
+        async with v1_call(request, SLICE_TYPES, scale, contrast, {"normalise": normalise}) as call:
             normalise = call.flags["normalise"]
             # decoding + percentiles of up to 3 x max_slice_pixels: off the event loop
             lr, mean, std = await asyncio.get_running_loop().run_in_executor(

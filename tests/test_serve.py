@@ -460,7 +460,7 @@ def test_timeouts_in_process(service):
 
             t0 = time.perf_counter()
             r = await c.post("/v1/sr?scale=2", content=slow(), headers=H)
-            assert r.status_code == 408 and r.json()["error"] == "timeout"
+            assert r.status_code == 408 and r.json()["error"] == "timeout", r.text
             assert time.perf_counter() - t0 < 2.5
             # compute deadline: checked between slice chunks of predict_volume
             big = _nii((np.random.rand(40, 40, 12) * 100).astype(np.float32))
@@ -550,6 +550,41 @@ def _asgi_client(svc) -> httpx.AsyncClient:
 def _json_status(r: httpx.Response, status: int, error: str | None = None) -> bool:
     ok = r.status_code == status and r.headers["content-type"].startswith("application/json")
     return ok and (error is None or r.json()["error"] == error)
+
+
+def test_typed_query_key_first_and_openapi(make_service):
+    """Query parameters are typed (422 JSON naming the parameter, before the body is read),
+    the API key is checked before them, /openapi.json documents the routes, parameters and
+    key schemes, and serve.docs=false turns the schema and /docs off."""
+    svc = make_service()
+
+    async def run():
+        async with _asgi_client(svc) as c:
+            for q, word in [("scale=3", "scale"), ("scale=two", "scale"), ("normalise=maybe", "normalise"),
+                            ("contrast=T2%20w", "contrast must be")]:
+                r = await c.post(f"/v1/sr/slice?{q}", content=b"x", headers=H)
+                assert _json_status(r, 422, "invalid_input") and word in r.json()["detail"], (q, r.text)
+                # without a key the same request is a 401 and says nothing about the query
+                r = await c.post(f"/v1/sr/slice?{q}", content=b"x")
+                assert _json_status(r, 401, "unauthorized"), (q, r.text)
+            r = await c.get("/openapi.json")
+            assert r.status_code == 200
+            spec = r.json()
+            op = spec["paths"]["/v1/sr"]["post"]
+            params = {p["name"]: p for p in op["parameters"]}
+            assert {"scale", "contrast", "resample"} <= set(params)
+            assert params["scale"]["schema"]["enum"] == [2, 4], params["scale"]
+            assert "application/gzip" in op["requestBody"]["content"]
+            assert {"401", "413", "422"} <= set(op["responses"])
+            assert {"X-API-Key", "Bearer"} <= set(spec["components"]["securitySchemes"])
+            assert "normalise" in {p["name"] for p in spec["paths"]["/v1/sr/slice"]["post"]["parameters"]}
+            assert (await c.get("/docs")).status_code == 200
+        svc.scfg.docs = False
+        async with _asgi_client(svc) as c:
+            for path in ("/openapi.json", "/docs"):
+                assert _json_status(await c.get(path), 404, "not_found"), path
+
+    asyncio.run(run())
 
 
 def test_short_body_is_408_within_the_body_timeout(make_service):
@@ -1473,7 +1508,7 @@ def test_one_replica_serves_a_checkpoint_per_scale(tmp_path, key_file):
                 np.testing.assert_allclose(np.asarray(out.dataobj), refs[s].get_fdata(),
                                            rtol=1e-5, atol=1e-4)
             r = await c.post("/v1/sr?scale=3", content=image_to_bytes(vol), headers=H)
-            assert _json_status(r, 422, "unsupported_scale")
+            assert _json_status(r, 422, "invalid_input") and "scale" in r.json()["detail"]
 
     try:
         asyncio.run(run())
