@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pgasr.data import schema
-from pgasr.data.batches import iter_batches, to_lr_units
+from pgasr.data.batches import iter_batches, random_crop, to_lr_units
 from pgasr.metrics import psnr, ssim
 from pgasr.runtime import tune_allocator
 
@@ -136,20 +136,23 @@ def _centre(rows: Mapping[str, np.ndarray], scale: int) -> tuple[torch.Tensor, t
 def train_baseline(
     train: Mapping[str, np.ndarray], scale: int, *, seconds: float | None = None,
     epochs: int = 10, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
-    depth: int = 9, width: int = 48, arch: str = "cnn", max_steps: int = 0,
+    depth: int = 9, width: int = 48, arch: str = "cnn", max_steps: int = 0, crop: int = 0,
 ) -> tuple[nn.Module, dict]:
     """Train on in-memory rows for ``epochs``, until ``seconds`` of wall time pass or after
     ``max_steps`` steps (> 0), whichever comes first. ``arch``: ``cnn`` (``depth`` x
-    ``width``) or ``dat`` (:class:`DATSR` defaults)."""
+    ``width``) or ``dat`` (:class:`DATSR` defaults). ``crop`` > 0: one random ``crop`` x
+    ``crop`` HR window per batch (:func:`pgasr.data.batches.random_crop`, as PGASR's stages
+    crop), else whole slices."""
     tune_allocator()  # the same process settings as PGASR's training (pgasr.runtime)
     torch.manual_seed(seed)
     model = ResidualCNN(depth, width) if arch == "cnn" else build_baseline(arch)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    rng = np.random.default_rng(seed)
     t0, steps = time.perf_counter(), 0
     for epoch in range(epochs):
         for rows in iter_batches(train, batch_size, shuffle=True, seed=seed * 7919 + epoch,
                                  drop_last=True):
-            lr_up, hr = _centre(rows, scale)
+            lr_up, hr = _centre(random_crop(rows, crop, rng) if crop else rows, scale)
             loss = F.l1_loss(model(lr_up), hr)
             opt.zero_grad(set_to_none=True)
             loss.backward()

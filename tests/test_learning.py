@@ -73,6 +73,11 @@ def test_dat_baseline_starts_at_bicubic_trains_and_round_trips(tmp_path):
     model, info = train_baseline(rows, 2, epochs=2, batch_size=4, arch="dat")
     assert info["steps"] == 4 and isinstance(model, DATSR)
     assert train_baseline(rows, 2, epochs=5, batch_size=4, max_steps=3)[1]["steps"] == 3
+    # crops as PGASR's stages take them (benchmarks/sample_efficiency.py); a crop must be a
+    # multiple of the scale, as random_crop requires
+    assert train_baseline(rows, 2, epochs=5, batch_size=4, max_steps=2, crop=12)[1]["steps"] == 2
+    with pytest.raises(ValueError, match="multiple of the LR scales"):
+        train_baseline(rows, 2, epochs=1, batch_size=4, crop=11)
     assert float(model.conv_out.weight.abs().sum()) > 0  # it trained
     save_cnn(model, tmp_path / "dat", {"scale": 2, **info})
     back, meta = load_cnn(tmp_path / "dat")
