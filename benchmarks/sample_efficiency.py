@@ -53,10 +53,10 @@ OUT = ROOT / "benchmarks" / "results"
 # stage-2 parts switched off one more at a time (config overrides), for the step-cost rows
 ABLATIONS = [
     ("PGASR stage-2 step", []),
-    ("- L_align_s (neighbour passes)", ["stage2.align_s=false"]),
-    ("- L_align_d (HR pass through Ê)", ["stage2.align_s=false", "stage2.align_d=false"]),
-    ("- residual head, fidelity fusion", ["stage2.align_s=false", "stage2.align_d=false",
-                                          "stage2.residual_head=off", "stage2.fidelity=0"]),
+    ("without L_align_s (neighbour passes)", ["stage2.align_s=false"]),
+    ("and without L_align_d (HR through Ê)", ["stage2.align_s=false", "stage2.align_d=false"]),
+    ("and without residual head, fusion", ["stage2.align_s=false", "stage2.align_d=false",
+                                           "stage2.residual_head=off", "stage2.fidelity=0"]),
 ]
 
 
