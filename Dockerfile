@@ -25,7 +25,7 @@ ENV PYTHONPATH=/home/ray/pgasr \
 # every edit.
 COPY --chown=ray:users pyproject.toml requirements.lock README.md ./
 RUN mkdir -p pgasr && touch pgasr/__init__.py \
- && pip install -c requirements.lock -e ".[serve]" \
+ && pip install -c requirements.lock -e ".[serve,sam]" \
  && python -c "import ray, torch; assert ray.__version__ == '2.60.0', ray.__version__"
 
 # 2) The code. --no-deps: the line above already pinned everything.

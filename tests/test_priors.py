@@ -278,6 +278,44 @@ def test_checkpoint_sha256_checked_then_loaded_through_registry(tmp_path, monkey
     assert prior.describe()["params"]["checkpoint_sha256"] == digest
 
 
+def test_montage_shows_the_configured_sam_and_says_when_it_is_the_random_one(tmp_path, monkeypatch):
+    """docs/img/priors_montage.png's SAM row: the weights the environment configures (loaded
+    through the real path), else the tiny random SAM, titled as such."""
+    from pgasr.priors.montage import sam_for_montage
+
+    monkeypatch.delenv("PGASR_SAM_CHECKPOINT", raising=False)
+    sam, title = sam_for_montage()
+    assert "RANDOM" in title and sam.describe()["params"]["model_type"] == "tiny"
+
+    ckpt = tmp_path / "sam_weights.pth"
+    torch.save(build_tiny_sam(5).state_dict(), ckpt)
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    monkeypatch.setitem(sam_mod.sam_model_registry, "vit_b", lambda checkpoint=None: (
+        lambda m: (m.load_state_dict(torch.load(checkpoint, weights_only=True)), m)[1])(build_tiny_sam(0)))
+    monkeypatch.setenv("PGASR_SAM_CHECKPOINT", str(ckpt))
+    sam, title = sam_for_montage(PriorConfig(backend="sam", sam_sha256=digest))
+    assert "RANDOM" not in title and "vit_b" in title and "sam_weights.pth" in title
+    assert sam.describe()["params"]["checkpoint_sha256"] == digest
+
+
+def test_sam_backend_without_segment_anything_is_a_clear_error(monkeypatch):
+    """segment-anything is the ``sam`` extra: without it the tissue backend (and ``auto``
+    without SAM weights) still runs, and asking for SAM names the extra to install."""
+    import sys
+
+    from pgasr.priors import MissingBackendError
+
+    monkeypatch.setitem(sys.modules, "segment_anything", None)  # import fails as if absent
+    monkeypatch.delitem(sys.modules, "pgasr.priors.sam", raising=False)
+    monkeypatch.delenv("PGASR_SAM_CHECKPOINT", raising=False)
+    assert isinstance(build_prior(PriorConfig()), TissuePrior)
+    assert describe_prior(PriorConfig(backend="tissue"))["backend"] == "tissue"
+    with pytest.raises(MissingBackendError, match=r'pip install -e "\.\[sam\]"'):
+        build_prior(PriorConfig(backend="sam", sam_model_type="tiny"))
+    with pytest.raises(ValueError, match="segment-anything"):  # the CLI's exit-2 errors
+        describe_prior(PriorConfig(backend="sam", sam_model_type="tiny"))
+
+
 # ----------------------------------------------------------------------------- registry
 
 

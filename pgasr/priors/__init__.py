@@ -1,6 +1,7 @@
 """Anatomical priors S (paper Sec. 2.1): segment a slice, sum the masks, normalise to [0, 1].
 
-Backends (``PRIORS``): ``sam`` -- SAM's automatic mask generator (needs weights);
+Backends (``PRIORS``): ``sam`` -- SAM's automatic mask generator (needs weights and the
+``sam`` extra, the segment-anything package, imported only when used);
 ``tissue`` -- embedded multi-Otsu tissue classes + connected components (no weights).
 ``build_prior(cfg)`` resolves ``prior.backend: auto`` to SAM when a checkpoint is configured,
 else to ``tissue`` with a WARNING; ``prior.describe()`` records which one ran and why, and
@@ -24,10 +25,11 @@ _LAZY = {
     "check_backend_match": "base", "sum_normalise": "base", "to_uint8_rgb": "base",
     "upsample_bicubic": "base", "window": "base",
     "CachedPrior": "cache", "PriorCache": "cache", "slice_key": "cache",
-    "SAM_CHECKPOINT_ENV": "sam", "SamPrior": "sam", "resolve_checkpoint": "sam",
+    "SAM_CHECKPOINT_ENV": "config", "SamPrior": "sam", "resolve_checkpoint": "config",
     "TissuePrior": "tissue",
     "PRIORS": "registry", "build_prior": "registry", "cached_prior": "registry",
-    "describe_prior": "registry", "resolve_backend": "registry",
+    "describe_prior": "registry", "resolve_backend": "registry", "prior_class": "registry",
+    "MissingBackendError": "registry",
 }
 
 __all__ = ["PriorConfig", *sorted(_LAZY)]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 from pgasr.configbase import Section
+
+SAM_CHECKPOINT_ENV = "PGASR_SAM_CHECKPOINT"
 
 
 class PriorConfig(Section):
@@ -52,3 +56,8 @@ class PriorConfig(Section):
     cache: bool = True
     cache_dir: str = "data/prior_cache"
     batch_rows: int = 16  # triplet rows per Ray Data batch in jobs/priors.py
+
+
+def resolve_checkpoint(cfg: PriorConfig) -> str:
+    """The SAM checkpoint path: ``cfg.sam_checkpoint``, else ``$PGASR_SAM_CHECKPOINT``, else ""."""
+    return (cfg.sam_checkpoint or os.environ.get(SAM_CHECKPOINT_ENV, "")).strip()

@@ -4,9 +4,10 @@
 
 Rows: HR slice; tissue prior S_HR; the x4 LR slice (degraded with
 :func:`pgasr.data.degradation.degrade`, bicubic-upsampled); tissue prior of that ``lr_up``;
-prior from the *tiny randomly initialised* SAM (what CI runs -- its masks carry no anatomy,
-so that row looks like noise by construction; real SAM weights are needed for Fig. 2-like
-SAM priors).
+the SAM prior of the HR slice: from the configured SAM weights when there are some
+(``$PGASR_SAM_CHECKPOINT``, the path ``pgasr prepare`` uses), else from the *tiny randomly
+initialised* SAM that CI runs, and the row says so (its masks carry no anatomy, so it looks
+like noise by construction).
 """
 
 from __future__ import annotations
@@ -29,28 +30,43 @@ def montage_slices(size: int = 128, levels=(0.35, 0.5, 0.62, 0.75)) -> np.ndarra
     return np.stack([np.rot90(vol[:, :, k]) for k in ks]).astype(np.float32)
 
 
-def save_montage(path: str | Path = "docs/img/priors_montage.png", size: int = 128) -> Path:
-    """Render the montage (see module docstring) to ``path``; returns the path."""
+def sam_for_montage(cfg=None):
+    """``(SamPrior, row title)``: SAM with the weights ``cfg`` (default: a ``sam`` config
+    reading ``$PGASR_SAM_CHECKPOINT``) points to, else the tiny random SAM, titled as such."""
+    from pgasr.priors import PriorConfig, SamPrior, resolve_checkpoint
+    from pgasr.priors.sam import build_tiny_sam
+
+    cfg = cfg or PriorConfig(backend="sam")
+    if resolve_checkpoint(cfg) and cfg.sam_model_type != "tiny":
+        sam = SamPrior(cfg)
+        return sam, f"SAM prior S_HR\n({cfg.sam_model_type}, {Path(resolve_checkpoint(cfg)).name})"
+    tiny = PriorConfig(backend="sam", sam_model_type="tiny", points_per_side=8,
+                       pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    return (SamPrior(tiny, model=build_tiny_sam(0)),
+            "tiny RANDOM SAM prior\n(no SAM weights: CI model,\nno anatomy)")
+
+
+def save_montage(path: str | Path = "docs/img/priors_montage.png", size: int = 128,
+                 sam_config=None) -> Path:
+    """Render the montage (see module docstring) to ``path``; returns the path.
+    ``sam_config``: the SAM row's config (default: SAM weights from the environment)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from pgasr.data.degradation import degrade
-    from pgasr.priors import PriorConfig, SamPrior, TissuePrior, upsample_bicubic
-    from pgasr.priors.sam import build_tiny_sam
+    from pgasr.priors import PriorConfig, TissuePrior, upsample_bicubic
 
     hr = montage_slices(size)
     rng = np.random.default_rng(0)
     lr_up = np.stack([upsample_bicubic(degrade(s, 4, rng), (size, size)) for s in hr])
     tissue = TissuePrior(PriorConfig(backend="tissue"))
-    sam = SamPrior(PriorConfig(backend="sam", sam_model_type="tiny", points_per_side=8,
-                               pred_iou_thresh=0.0, stability_score_thresh=0.0,
-                               box_nms_thresh=1.0), model=build_tiny_sam(0))
+    sam, sam_title = sam_for_montage(sam_config)
     rows = [("HR slice", hr, None), ("tissue prior S_HR", tissue(hr), (0, 1)),
             ("LR x4, bicubic up (lr_up)", lr_up, None),
             ("tissue prior of lr_up", tissue(lr_up), (0, 1)),
-            ("tiny RANDOM SAM prior\n(no anatomy: CI model)", sam(hr), (0, 1))]
+            (sam_title, sam(hr), (0, 1))]
     n = len(hr)
     fig, axes = plt.subplots(len(rows), n, figsize=(2.1 * n, 2.15 * len(rows)))
     for r, (title, imgs, lim) in enumerate(rows):

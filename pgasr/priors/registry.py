@@ -1,4 +1,9 @@
-"""Backend registry: resolve ``prior.backend`` (``auto`` included) and build priors."""
+"""Backend registry: resolve ``prior.backend`` (``auto`` included) and build priors.
+
+The SAM backend needs the ``segment-anything`` package (the ``sam`` extra:
+``pip install -e ".[sam]"``); it is imported only when a config resolves to ``sam``, so
+the tissue backend (and ``auto`` without SAM weights) runs without it.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,39 @@ import logging
 
 from pgasr.priors.base import Prior
 from pgasr.priors.cache import CachedPrior
-from pgasr.priors.config import PriorConfig
-from pgasr.priors.sam import SAM_CHECKPOINT_ENV, SamPrior, resolve_checkpoint
+from pgasr.priors.config import SAM_CHECKPOINT_ENV, PriorConfig, resolve_checkpoint
 from pgasr.priors.tissue import TissuePrior
 
 log = logging.getLogger("pgasr.priors")
 
-PRIORS: dict[str, type[Prior]] = {"sam": SamPrior, "tissue": TissuePrior}
+BACKENDS = ("sam", "tissue")
+
+
+class MissingBackendError(ValueError):
+    """A configured prior backend whose package is not installed."""
+
+
+def prior_class(name: str) -> type[Prior]:
+    """The :class:`Prior` class of backend ``name`` (``sam`` imported on first use)."""
+    if name == "tissue":
+        return TissuePrior
+    if name == "sam":
+        try:
+            from pgasr.priors.sam import SamPrior
+        except ModuleNotFoundError as e:
+            if not (e.name or "").startswith("segment_anything"):
+                raise
+            raise MissingBackendError(
+                "prior.backend resolves to 'sam' but the segment-anything package is not "
+                "installed: pip install -e \".[sam]\" (or use prior.backend: tissue)") from None
+        return SamPrior
+    raise ValueError(f"prior.backend must be 'auto' or one of {list(BACKENDS)}, got {name!r}")
+
+
+def __getattr__(name: str):
+    if name == "PRIORS":  # {backend: class}; importing it imports segment_anything
+        return {b: prior_class(b) for b in BACKENDS}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_backend(cfg: PriorConfig) -> tuple[str, str | None]:
@@ -28,8 +59,8 @@ def resolve_backend(cfg: PriorConfig) -> tuple[str, str | None]:
             return "sam", None
         return "tissue", (f"backend 'auto' and no SAM checkpoint configured "
                           f"(prior.sam_checkpoint / {SAM_CHECKPOINT_ENV})")
-    if b not in PRIORS:
-        raise ValueError(f"prior.backend must be 'auto' or one of {sorted(PRIORS)}, got {b!r}")
+    if b not in BACKENDS:
+        raise ValueError(f"prior.backend must be 'auto' or one of {list(BACKENDS)}, got {b!r}")
     return b, None
 
 
@@ -49,7 +80,7 @@ def build_prior(cfg: PriorConfig | None = None) -> Prior:
     cfg = cfg or PriorConfig()
     name, reason = resolve_backend(cfg)
     _announce(reason)
-    return PRIORS[name](cfg, fallback_reason=reason, requested=cfg.backend)
+    return prior_class(name)(cfg, fallback_reason=reason, requested=cfg.backend)
 
 
 def describe_prior(cfg: PriorConfig | None = None) -> dict:
@@ -58,9 +89,10 @@ def describe_prior(cfg: PriorConfig | None = None) -> dict:
     cfg = cfg or PriorConfig()
     name, reason = resolve_backend(cfg)
     _announce(reason)
+    cls = prior_class(name)
     if name == "sam":
-        return SamPrior.describe_config(cfg, fallback_reason=reason, requested=cfg.backend)
-    return PRIORS[name](cfg, fallback_reason=reason, requested=cfg.backend).describe()
+        return cls.describe_config(cfg, fallback_reason=reason, requested=cfg.backend)
+    return cls(cfg, fallback_reason=reason, requested=cfg.backend).describe()
 
 
 def cached_prior(cfg: PriorConfig | None = None) -> CachedPrior:

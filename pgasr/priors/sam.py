@@ -51,11 +51,10 @@ from segment_anything.utils.amg import (
 from torchvision.ops.boxes import batched_nms
 
 from pgasr.priors.base import Prior, _jsonable, normalise_sum, to_uint8_rgb
-from pgasr.priors.config import PriorConfig
+from pgasr.priors.config import SAM_CHECKPOINT_ENV, PriorConfig, resolve_checkpoint  # noqa: F401
 
 log = logging.getLogger("pgasr.priors")
 
-SAM_CHECKPOINT_ENV = "PGASR_SAM_CHECKPOINT"
 
 # Official SAM v1 checkpoints (github.com/facebookresearch/segment-anything, README "Model
 # Checkpoints"). Digests/sizes as published by many independent verifiers (e.g.
@@ -81,11 +80,6 @@ MODEL_TYPES = (*OFFICIAL_CHECKPOINTS, "tiny")
 
 
 # ----------------------------------------------------------------------------- weights
-
-
-def resolve_checkpoint(cfg: PriorConfig) -> str:
-    """The SAM checkpoint path: ``cfg.sam_checkpoint``, else ``$PGASR_SAM_CHECKPOINT``, else ""."""
-    return (cfg.sam_checkpoint or os.environ.get(SAM_CHECKPOINT_ENV, "")).strip()
 
 
 @functools.lru_cache(maxsize=8)
