@@ -182,6 +182,28 @@ class Predictor:
             outs.append(keep_background(sr, lr_up[sl, 1], inf))
         return torch.cat(outs).numpy()
 
+    def _forward_slices(self, lr_up: torch.Tensor, prior: torch.Tensor | None,
+                        lr: torch.Tensor) -> np.ndarray:
+        """:meth:`_forward` for the k triplets of k + 2 consecutive slices, each slice
+        through E once (:meth:`Stage2Model.encode_slices`) instead of once per triplet.
+
+        Args:
+            lr_up: (k+2, 1, H, W) upsampled slices t-1 .. t+k; prior: their priors or None;
+            lr: (k, h, w) the LR centre slices.
+        """
+        H, W = lr_up.shape[-2:]
+        inf, m = self.cfg.inference, self.model
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            x = lr_up.to(self.device)
+            z, skip = m.encode_slices(x, None if prior is None else prior.to(self.device),
+                                      skip=m.needs_skip)  # (k+2, n_z, h', w')
+            k = len(lr)
+            trip = torch.stack([z[:k], z[1 : k + 1], z[2:]], 1)  # (k, 3, n_z, h', w')
+            sr = m.render(trip, None if skip is None else skip[1 : k + 1], x[1 : k + 1])
+        sr = sr.float()[:, 0, :H, :W].cpu()
+        sr = back_project(sr, lr, inf.back_projection_steps, inf.back_projection_weight)
+        return keep_background(sr, lr_up[1 : k + 1, 0], inf).numpy()
+
     # ------------------------------------------------------------------ volumes
 
     def predict_volume(self, lr_volume: np.ndarray, affine: np.ndarray, scale: int,
@@ -203,19 +225,18 @@ class Predictor:
         n = z.shape[2]
         H, W = z.shape[0] * scale, z.shape[1] * scale
         out = np.empty((H, W, n), dtype=np.float32)
-        # Priors of each upsampled slice are computed once, then shared by the 3 windows.
+        # Each upsampled slice's prior and E features are computed once, then shared by the
+        # 3 triplets (t-1, t, t+1) the slice belongs to.
         chunk = max(self.batch_size, 1)
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             idx = np.arange(start - 1, stop + 1).clip(0, n - 1)
             lr = torch.from_numpy(np.moveaxis(z[:, :, idx], 2, 0).copy())  # (k+2, h, w)
-            lr_up = steps.upsample_lr(lr[:, None], (H, W))[:, 0]  # (k+2, H, W)
-            trip = torch.stack([lr_up[i : i + 3] for i in range(stop - start)])  # (k, 3, H, W)
-            ptrip = None
+            lr_up = steps.upsample_lr(lr[:, None], (H, W))  # (k+2, 1, H, W)
+            pri = None
             if self.acg:
-                pri = torch.from_numpy(self.prior(lr_up.numpy()).astype(np.float32))
-                ptrip = torch.stack([pri[i : i + 3] for i in range(stop - start)])
-            sr = self._forward(trip, ptrip, lr[1 : stop - start + 1])  # (k, H, W)
+                pri = torch.from_numpy(self.prior(lr_up[:, 0].numpy()).astype(np.float32))[:, None]
+            sr = self._forward_slices(lr_up, pri, lr[1 : stop - start + 1])  # (k, H, W)
             out[:, :, start:stop] = np.moveaxis(sr, 0, 2)
             if progress is not None:
                 progress(stop, n)

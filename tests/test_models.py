@@ -287,6 +287,39 @@ def _stage2(**model):
     return cfg, build_stage2(cfg, s1)
 
 
+@pytest.mark.parametrize("stage2", [{}, {"fidelity": 1.0, "residual_head": "refine"},
+                                    {"residual_head": "features"}], ids=str)
+def test_encoding_each_slice_once_equals_forward_on_triplets(stage2):
+    """Predictor.predict_volume encodes every slice once and renders each triplet from the
+    shared features (encode_slices + render): the same SR as forward() on the triplets,
+    with and without the fusion / residual head (whose zero-initialised outputs are moved
+    off zero here, so they matter)."""
+    cfg = tiny_cfg()
+    for k, v in stage2.items():
+        setattr(cfg.stage2, k, v)
+    s1, _ = build_stage1(cfg)
+    s2 = build_stage2(cfg, s1)
+    _trained(s2.scab)
+    with torch.no_grad():
+        for p in (*(s2.residual_head.parameters() if s2.residual_head is not None else ()),
+                  *(s2.fidelity.parameters() if s2.fidelity is not None else ())):
+            p.add_(torch.randn_like(p) * 0.1)
+    s2.eval()
+    vol, pri = torch.randn(7, 1, 18, 14), torch.rand(7, 1, 18, 14)  # 7 slices, odd sizes
+    with torch.no_grad():
+        ref = s2(torch.cat([vol[:-2], vol[1:-1], vol[2:]], 1),
+                 torch.cat([pri[:-2], pri[1:-1], pri[2:]], 1))  # 5 triplets
+        z, skip = s2.encode_slices(vol, pri, skip=s2.needs_skip)
+        trip = torch.stack([z[:-2], z[1:-1], z[2:]], 1)
+        out = s2.render(trip, None if skip is None else skip[1:-1], vol[1:-1])
+    assert out.shape == ref.shape == (5, 1, 18, 14)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert s2.needs_skip == bool(stage2)
+    if s2.needs_skip:
+        with pytest.raises(ValueError, match="pass skip"):
+            s2.render(trip, None, vol[1:-1])
+
+
 def test_stage2_edge_members_use_only_centre():
     cfg, s2 = _stage2()
     _trained(s2.scab)

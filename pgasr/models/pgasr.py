@@ -301,6 +301,28 @@ class Stage2Model(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ pieces
+    def encode_slices(self, imgs: torch.Tensor, priors: torch.Tensor | None = None,
+                      skip: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """E on independent slices (each slice is encoded on its own; a volume's slices can
+        be encoded once and shared by the three triplets they belong to).
+
+        Args:
+            imgs: (N, 1, H, W) upsampled LR slices; priors: (N, 1, H, W) (with ACG).
+            skip: also return E's full-resolution features (fidelity fusion, residual head).
+
+        Returns:
+            z (N, n_z, h, w), and (N, channels[0], H', W') at the padded size, or None.
+        """
+        x = pad_to_multiple(_input(imgs, priors, self.acg), self.latent_factor)
+        if not skip:
+            return self.encoder(x), None
+        return self.encoder(x, return_skip=True)
+
+    @property
+    def needs_skip(self) -> bool:
+        """Whether :meth:`render` needs E's full-resolution features of the centre."""
+        return self.fidelity is not None or self.residual_head is not None
+
     def _encode_members(self, lr_up, prior_lr, members: list[int]):
         """E on the chosen triplet members.
 
@@ -311,11 +333,8 @@ class Stage2Model(nn.Module):
         b = lr_up.shape[0]
         imgs = lr_up[:, members].reshape(-1, 1, *lr_up.shape[-2:])  # (B*K, 1, H, W)
         pri = None if prior_lr is None else prior_lr[:, members].reshape(imgs.shape)
-        x = pad_to_multiple(_input(imgs, pri, self.acg), self.latent_factor)
-        if self.fidelity is None and self.residual_head is None:
-            z, skip = self.encoder(x), None  # (B*K, n_z, h, w)
-        else:
-            z, skip = self.encoder(x, return_skip=True)  # skip: (B*K, c0, H, W)
+        z, skip = self.encode_slices(imgs, pri, skip=self.needs_skip)  # (B*K, n_z, h, w)
+        if skip is not None:  # (B*K, c0, H, W) -> the centre's
             skip = skip.reshape(b, len(members), *skip.shape[1:])[:, members.index(1)]
         return z.reshape(b, len(members), *z.shape[1:]), skip
 
@@ -345,8 +364,16 @@ class Stage2Model(nn.Module):
             members = [0, 1, 2] if neighbours else [1]
             return self._encode_members(lr_up, prior_lr, members)
         z, skip = self._encode_members(lr_up, prior_lr, [0, 1, 2])  # (B, 3, n_z, h, w)
+        return self.refine(z, neighbours), skip
+
+    def refine(self, z: torch.Tensor, neighbours: bool = False) -> torch.Tensor:
+        """SCAB over E's features of triplets: (B, 3, n_z, h, w) -> the refined centre
+        (B, 1, n_z, h, w), or all three members with ``neighbours``. Without SCAB, the centre
+        (or the triplet) unchanged."""
+        if self.scab is None:
+            return z if neighbours else z[:, 1:2]
         if not neighbours:
-            return self.scab(z[:, 1], z[:, 0::2])[:, None], skip  # (B, 1, n_z, h, w)
+            return self.scab(z[:, 1], z[:, 0::2])[:, None]  # (B, 1, n_z, h, w)
         b = z.shape[0]
         queries = z.transpose(0, 1).reshape(3 * b, *z.shape[2:])  # (3B, n_z, h, w): t-1, t, t+1
         ctx = torch.cat(
@@ -357,7 +384,7 @@ class Stage2Model(nn.Module):
             ]
         )  # (3B, 2, n_z, h, w)
         out = self.scab(queries, ctx)  # (3B, n_z, h, w)
-        return out.reshape(3, b, *out.shape[1:]).transpose(0, 1), skip  # (B, 3, n_z, h, w)
+        return out.reshape(3, b, *out.shape[1:]).transpose(0, 1)  # (B, 3, n_z, h, w)
 
     @torch.no_grad()
     def hr_codes(self, hr: torch.Tensor, prior_hr: torch.Tensor | None = None) -> CodeOutput:
@@ -382,6 +409,39 @@ class Stage2Model(nn.Module):
         return CodeOutput(d.argmin(1), code_log_probs(d, self.tau).exp())
 
     # ------------------------------------------------------------------ forward
+    def _render(self, z_t: torch.Tensor, skip: torch.Tensor | None, centre: torch.Tensor):
+        """Z, G (with the fidelity fusion) and the residual head on the refined centre
+        features z_t (B, n_z, h, w); ``centre`` (B, 1, H, W) the upsampled LR centre slice.
+        Returns the SR centre (B, 1, H, W) and the quantizer's output."""
+        size = centre.shape[-2:]
+        quant = self.quantizer(z_t)
+        fuse = None if self.fidelity is None else (lambda f_d: self.fidelity(f_d, skip))
+        sr = self.decoder(quant.z_q, fuse)  # (B, 1, H', W') padded
+        if self.residual_head is not None:
+            head_in = skip
+            if self.residual_inputs == "refine":
+                head_in = torch.cat([skip, sr, pad_to_multiple(centre, self.latent_factor)], 1)
+            sr = sr + self.residual_head(head_in)
+        return sr[..., : size[0], : size[1]], quant  # (B, 1, H, W)
+
+    def render(self, z: torch.Tensor, skip: torch.Tensor | None,
+               centre: torch.Tensor) -> torch.Tensor:
+        """SR of triplet centres from E's features of the members (:meth:`encode_slices`):
+        the second half of :meth:`forward`, for callers that encode each slice once.
+
+        Args:
+            z: (B, 3, n_z, h, w) E's features of t-1, t, t+1.
+            skip: (B, channels[0], H', W') E's full-resolution features of t, or None
+                (needed when :attr:`needs_skip`).
+            centre: (B, 1, H, W) the upsampled LR centre slices.
+
+        Returns:
+            (B, 1, H, W) SR centre slices, equal to :meth:`forward` on the same triplets.
+        """
+        if self.needs_skip and skip is None:
+            raise ValueError("render: this model fuses E's full-resolution features; pass skip")
+        return self._render(self.refine(z)[:, 0], skip, centre)[0]
+
     def forward(
         self,
         lr_up: torch.Tensor,
@@ -407,20 +467,10 @@ class Stage2Model(nn.Module):
         Returns:
             (B, 1, H, W) SR centre slice, or :class:`Stage2Output`.
         """
-        size = lr_up.shape[-2:]
         z, skip = self._features(lr_up, prior_lr, neighbours and return_all)  # (B, K, n_z, h, w)
         k = z.shape[1]
         z_t = z[:, k // 2]  # (B, n_z, h, w)
-        quant = self.quantizer(z_t)
-        fuse = None if self.fidelity is None else (lambda f_d: self.fidelity(f_d, skip))
-        sr = self.decoder(quant.z_q, fuse)  # (B, 1, H', W') padded
-        if self.residual_head is not None:
-            head_in = skip
-            if self.residual_inputs == "refine":
-                centre = pad_to_multiple(lr_up[:, 1:2], self.latent_factor)
-                head_in = torch.cat([skip, sr, centre], 1)
-            sr = sr + self.residual_head(head_in)
-        sr = sr[..., : size[0], : size[1]]  # (B, 1, H, W)
+        sr, quant = self._render(z_t, skip, lr_up[:, 1:2])
         if not return_all:
             return sr
         members = tuple(
