@@ -119,6 +119,14 @@ def _inference_case(f: int, size: int, batch: int, tmp: Path) -> Callable[[], No
     return lambda: pred.predict_triplets(lr, 2)
 
 
+def _volume_case(f: int, size: int, slices: int, tmp: Path) -> Callable[[], None]:
+    """``Predictor.predict_volume`` on a (size/2, size/2, slices) LR volume at x2: each slice
+    through E once, triplets rendered from shared features (what ``pgasr sr`` runs)."""
+    pred = random_predictor(_cfg(f, False), tmp / f"ck_vol_f{f}_{size}", batch=8)
+    vol = (np.random.default_rng(0).random((size // 2, size // 2, slices)) * 1000).astype(np.float32)
+    return lambda: pred.predict_volume(vol, np.eye(4), 2)
+
+
 def count_flops(fn: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as fc:
         fn()
@@ -169,6 +177,7 @@ def run(args) -> dict:
         ("infer demo f=2 8x96^2", "inference", 8, lambda: _inference_case(2, 96, 8, tmp)),
         ("infer demo f=1 8x96^2", "inference", 8, lambda: _inference_case(1, 96, 8, tmp)),
         ("infer demo f=2 2x256^2", "inference", 2, lambda: _inference_case(2, 256, 2, tmp)),
+        ("volume demo f=2 96^2 x48", "inference", 48, lambda: _volume_case(2, 96, 48, tmp)),
     ]
     if not args.quick:
         specs += [
