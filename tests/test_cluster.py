@@ -655,7 +655,7 @@ def test_dockerfile_and_dockerignore():
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     assert f"ARG RAY_IMAGE=rayproject/ray:{ray_version()}-{py}-gpu" in text
     assert re.search(r"^FROM \$\{RAY_IMAGE\}$", text, re.M)
-    assert 'pip install -c requirements.lock -e ".[serve]"' in text
+    assert 'pip install -c requirements.lock -e ".[serve,sam]"' in text  # service + SAM priors
     assert "pip install --no-deps -e ." in text
     assert f"docker build -t {IMAGE} ." in text
     for line in re.findall(r"^COPY (.+)$", text, re.M):
