@@ -65,9 +65,10 @@ def run_sr(checkpoint: str, inp: str, output: str | None, scale: int, *, actors:
     from tqdm.auto import tqdm
 
     from pgasr.checkpoint import load_checkpoint
+    from pgasr.config import SCALES
     from pgasr.sr_files import plan_jobs, write_dataset_description
 
-    if scale not in (2, 4):
+    if scale not in SCALES:
         raise ValueError(f"--scale must be 2 or 4, got {scale}")
     if actors < 1:
         raise ValueError(f"--actors must be >= 1, got {actors}")

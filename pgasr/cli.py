@@ -36,7 +36,9 @@ def _load(args: argparse.Namespace):
 
 
 def _check_scale(scale: int) -> int:
-    if scale not in (2, 4):
+    from pgasr.config import SCALES
+
+    if scale not in SCALES:
         raise CliError(f"--scale must be 2 or 4, got {scale}")
     return scale
 

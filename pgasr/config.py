@@ -37,6 +37,7 @@ __all__ = [
     "ServeConfig",
     "Stage1Config",
     "Stage2Config",
+    "SCALES",
     "SynthConfig",
     "TrackingConfig",
     "TuneConfig",
@@ -50,6 +51,10 @@ __all__ = [
     "config_yaml",
     "config_schema",
 ]
+
+
+#: The SR factors the project degrades, trains and serves.
+SCALES = (2, 4)
 
 
 class ConfigError(ValueError):
@@ -345,7 +350,7 @@ def _check_run(cfg: RunConfig) -> None:
 
     d = cfg.data
     for s in d.scales:
-        _require(s in (2, 4), f"data.scales may contain only 2 and 4, got {s}")
+        _require(s in SCALES, f"data.scales may contain only 2 and 4, got {s}")
     _require(d.slices_per_volume >= 1, "data.slices_per_volume must be >= 1")
     _require(d.source_format in FORMATS, f"data.source_format must be one of "
              f"{', '.join(FORMATS)}, got {d.source_format!r}")

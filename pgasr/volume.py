@@ -12,7 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pgasr.config import DegradationConfig
+from pgasr.config import SCALES, DegradationConfig
 from pgasr.data.degradation import degrade, slice_rng
 from pgasr.data.ixi import image_to_bytes, read_nifti_file
 
@@ -132,7 +132,7 @@ def degrade_volume(
     img: nib.Nifti1Image, scale: int, cfg: DegradationConfig | None = None, seed: int = 0
 ) -> nib.Nifti1Image:
     """Degrade every axial slice (third array axis) of an HR volume into an LR volume."""
-    if scale not in (2, 4):
+    if scale not in SCALES:
         raise ValueError(f"scale must be 2 or 4, got {scale}")
     vol = check_volume(img.dataobj, "input")
     x, y, z = vol.shape

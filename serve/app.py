@@ -62,8 +62,8 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from pgasr.config import (ConfigError, RunConfig, ServeConfig, config_from_dict, config_to_dict,
-                          load_config, revalidate)
+from pgasr.config import (SCALES, ConfigError, RunConfig, ServeConfig, config_from_dict,
+                          config_to_dict, load_config, revalidate)
 from serve.decoding import (
     InputError,
     Limits,
@@ -376,9 +376,6 @@ def _contrast(raw: str) -> str:
 
 # The typed query parameters of the /v1 routes (validated by FastAPI before the body is read;
 # a failure is a JSON 422 naming the parameter; documented in /openapi.json).
-SCALES = (2, 4)  # what the project trains (data.scales)
-
-
 def _scale(v: int | None) -> int | None:
     if v is not None and v not in SCALES:
         raise ValueError(f"scale must be one of {list(SCALES)}, got {v}")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pgasr.config import DegradationConfig
+from pgasr.config import SCALES, DegradationConfig
 
 __all__ = [
     "anisotropic_gaussian_kernel",
@@ -115,7 +115,7 @@ def degrade(
     Returns:
         (H / scale, W / scale) float32 LR slice in the same units as ``hr``.
     """
-    if scale not in (2, 4):
+    if scale not in SCALES:
         raise ValueError(f"scale must be 2 or 4, got {scale}")
     hr = np.asarray(hr, dtype=np.float32)
     if hr.ndim != 2:
