@@ -168,8 +168,6 @@ class Predictor:
             lr: (B, h, w) the LR centre slices.
         """
         # The model pads any H, W to its latent factor / window and crops back.
-        H, W = lr_up.shape[-2:]
-        inf = self.cfg.inference
         outs = []
         for i in range(0, len(lr_up), self.batch_size):
             sl = slice(i, i + self.batch_size)
@@ -177,10 +175,18 @@ class Predictor:
             p = None if prior is None else prior[sl].to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 sr = self.model(x, p)
-            sr = sr.float()[:, 0, :H, :W].cpu()
-            sr = back_project(sr, lr[sl], inf.back_projection_steps, inf.back_projection_weight)
-            outs.append(keep_background(sr, lr_up[sl, 1], inf))
+            outs.append(self._finish(sr, lr[sl], lr_up[sl, 1]))
         return torch.cat(outs).numpy()
+
+    def _finish(self, sr: torch.Tensor, lr: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+        """The network's (B, 1, H', W') output -> (B, H, W) float32 on the CPU, back-projected
+        onto the LR centre slices ``lr`` (B, h, w) and given the input's background where
+        ``centre`` (B, H, W), the upsampled LR centre, is background."""
+        inf = self.cfg.inference
+        H, W = centre.shape[-2:]
+        sr = sr.float()[:, 0, :H, :W].cpu()
+        sr = back_project(sr, lr, inf.back_projection_steps, inf.back_projection_weight)
+        return keep_background(sr, centre, inf)
 
     def _forward_slices(self, lr_up: torch.Tensor, prior: torch.Tensor | None,
                         lr: torch.Tensor) -> np.ndarray:
@@ -191,8 +197,7 @@ class Predictor:
             lr_up: (k+2, 1, H, W) upsampled slices t-1 .. t+k; prior: their priors or None;
             lr: (k, h, w) the LR centre slices.
         """
-        H, W = lr_up.shape[-2:]
-        inf, m = self.cfg.inference, self.model
+        m = self.model
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             x = lr_up.to(self.device)
             z, skip = m.encode_slices(x, None if prior is None else prior.to(self.device),
@@ -200,9 +205,7 @@ class Predictor:
             k = len(lr)
             trip = torch.stack([z[:k], z[1 : k + 1], z[2:]], 1)  # (k, 3, n_z, h', w')
             sr = m.render(trip, None if skip is None else skip[1 : k + 1], x[1 : k + 1])
-        sr = sr.float()[:, 0, :H, :W].cpu()
-        sr = back_project(sr, lr, inf.back_projection_steps, inf.back_projection_weight)
-        return keep_background(sr, lr_up[1 : k + 1, 0], inf).numpy()
+        return self._finish(sr, lr, lr_up[1 : k + 1, 0]).numpy()
 
     # ------------------------------------------------------------------ volumes
 
