@@ -705,7 +705,6 @@ class V1Call:
     """A ``POST /v1/sr*`` request after the shared prologue (``make_api``'s ``v1_call``)."""
 
     scale: int
-    flags: dict[str, bool]
     deadline: Deadline
     body: bytes
     t0: float  # perf_counter at admission, for X-PGASR-Seconds
@@ -834,8 +833,7 @@ def make_api(svc: Service) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def v1_call(request: Request, allowed: set[str], scale: int | None,
-                      contrast: str | None = None, flags: dict[str, bool] | None = None,
-                      slots: JobSlots | None = None) -> AsyncIterator[V1Call]:
+                      contrast: str | None = None, slots: JobSlots | None = None) -> AsyncIterator[V1Call]:
         """The prologue and epilogue every ``POST /v1/sr*`` route shares after the key and the
         typed query: ``scale`` against the checkpoints, the contrast warning, media type, a
         job slot from ``slots``
@@ -845,7 +843,6 @@ def make_api(svc: Service) -> FastAPI:
         :class:`JsonErrors`)."""
         scale = check_scale(scale, svc.scales)
         warning = svc.predictor.contrast_warning(contrast, scale) if contrast else None
-        parsed = dict(flags or {})
         mt = media_type(request, allowed)
         deadline = Deadline(svc.scfg.request_timeout_s)
         timeouts = BodyTimeouts(svc.scfg.body_timeout_s, svc.scfg.body_idle_timeout_s)
@@ -857,7 +854,7 @@ def make_api(svc: Service) -> FastAPI:
             if mt == MULTIPART:
                 body = extract_multipart(body, request.headers["content-type"],
                                          max_parts=svc.caps.max_multipart_parts)
-            call = V1Call(scale, parsed, deadline, body, t0, slot, warning)
+            call = V1Call(scale, deadline, body, t0, slot, warning)
             del body  # the route may drop call.body once it has handed it on
             yield call
         except (ApiError, ValueError, Aborted, OutputError, FloatingPointError) as e:
@@ -883,9 +880,9 @@ def make_api(svc: Service) -> FastAPI:
                         resample: ResampleQuery = False):
         """Super-resolve a volume through the slices of its acquisition plane (the code path
         of ``pgasr sr``); the answer is the SR volume as .nii.gz."""
-        async with v1_call(request, VOLUME_TYPES, scale, contrast, {"resample": resample},
+        async with v1_call(request, VOLUME_TYPES, scale, contrast,
                            slots=svc.volume_slots) as call:
-            job = VolumeJob(call.body, call.scale, call.deadline, call.flags["resample"])
+            job = VolumeJob(call.body, call.scale, call.deadline, resample)
             call.body = b""
 
             def drop_body() -> None:
@@ -902,8 +899,7 @@ def make_api(svc: Service) -> FastAPI:
                        normalise: NormaliseQuery = True):
         """Super-resolve one slice; the answer is the SR slice as .npy. Slices of concurrent
         requests share batches."""
-        async with v1_call(request, SLICE_TYPES, scale, contrast, {"normalise": normalise}) as call:
-            normalise = call.flags["normalise"]
+        async with v1_call(request, SLICE_TYPES, scale, contrast) as call:
             # decoding + percentiles of up to 3 x max_slice_pixels: off the event loop
             lr, mean, std = await asyncio.get_running_loop().run_in_executor(
                 None, svc.prepare_slice, call.body, normalise, call.scale)
