@@ -37,9 +37,9 @@ def sam_for_montage(cfg=None):
     from pgasr.priors.sam import build_tiny_sam
 
     cfg = cfg or PriorConfig(backend="sam")
-    if resolve_checkpoint(cfg) and cfg.sam_model_type != "tiny":
-        sam = SamPrior(cfg)
-        return sam, f"SAM prior S_HR\n({cfg.sam_model_type}, {Path(resolve_checkpoint(cfg)).name})"
+    weights = resolve_checkpoint(cfg)
+    if weights and cfg.sam_model_type != "tiny":
+        return SamPrior(cfg), f"SAM prior S_HR\n({cfg.sam_model_type}, {Path(weights).name})"
     tiny = PriorConfig(backend="sam", sam_model_type="tiny", points_per_side=8,
                        pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
     return (SamPrior(tiny, model=build_tiny_sam(0)),
