@@ -37,13 +37,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pgasr.baseline import ResidualCNN, _centre, train_baseline  # noqa: E402
+from pgasr.baseline import ResidualCNN, _centre, score_test_slices, train_baseline  # noqa: E402
 from pgasr.checkpoint import load_checkpoint  # noqa: E402
 from pgasr.config import apply_overrides  # noqa: E402
 from pgasr.data import schema  # noqa: E402
 from pgasr.data.batches import iter_batches, random_crop, read_split, stage2_batch  # noqa: E402
-from pgasr.inference import Predictor  # noqa: E402
-from pgasr.metrics import psnr  # noqa: E402
 from pgasr.models import build_stage1, build_stage2  # noqa: E402
 from pgasr.provenance import atomic_write_bytes, atomic_write_text  # noqa: E402
 from pgasr.steps import stage2_step  # noqa: E402
@@ -105,24 +103,12 @@ def step_costs(ck, train, steps: int = 10) -> dict[str, float]:
     return out
 
 
-@torch.no_grad()
 def test_psnr(ck_path: str, test, scale: int, cnns: dict) -> dict[str, float]:
     """Mean test PSNR (per-slice HR range) of bicubic, PGASR (as ``pgasr sr`` runs it) and
-    each CNN, on the same slices."""
-    from pgasr.data.batches import to_lr_units
-
-    pred = Predictor.from_checkpoint(ck_path, device="cpu")
-    prior_col = schema.prior_lr_column(scale)
-    scores: dict[str, list] = {}
-    for b in iter_batches(test, 8, shuffle=False):
-        lr_up, hr = _centre(b, scale)
-        lr = to_lr_units(b, scale)[schema.lr_column(scale)]
-        sr = torch.from_numpy(pred.predict_triplets(lr, scale, b.get(prior_col)))[:, None]
-        dr = (hr.flatten(1).max(1).values - hr.flatten(1).min(1).values).clamp_min(1e-6)
-        imgs = {"bicubic": lr_up, "PGASR": sr} | {k: m(lr_up) for k, m in cnns.items()}
-        for k, img in imgs.items():
-            scores.setdefault(k, []).append(psnr(img, hr, dr))
-    return {k: float(torch.cat(v).mean()) for k, v in scores.items()}
+    each CNN, on the same slices (:func:`pgasr.baseline.score_test_slices`)."""
+    scores = score_test_slices(ck_path, test, scale, cnns)["psnr"]
+    return {"bicubic": scores["bicubic"], "PGASR": scores["pgasr"],
+            **{k: scores[k] for k in cnns}}
 
 
 def plot(res: dict, path: Path) -> None:

@@ -224,6 +224,38 @@ def cnn_predict_volume(model: nn.Module, lr_volume: np.ndarray, scale: int,
     return st.denormalise(np.moveaxis(torch.cat(out).numpy(), 0, 2))
 
 
+@torch.no_grad()
+def score_test_slices(checkpoint: str, test: Mapping[str, np.ndarray], scale: int,
+                      models: Mapping[str, nn.Module]) -> dict[str, dict[str, float]]:
+    """Mean PSNR/SSIM (per-slice HR range) of bicubic, PGASR (``checkpoint``, as ``pgasr sr``
+    runs it) and each model of ``models`` (name -> an lr_up -> SR network) on the same test
+    rows; each model also as ``<name>_bp``, with PGASR's data-consistency step, so that step
+    is not what decides. Returns ``{"psnr": {name: mean}, "ssim": {name: mean}}``."""
+    from pgasr.consistency import back_project
+    from pgasr.inference import Predictor
+
+    pred = Predictor.from_checkpoint(checkpoint, device="cpu")
+    inf = pred.cfg.inference
+    prior_col = schema.prior_lr_column(scale)
+    scores: dict[str, dict[str, list]] = {"psnr": {}, "ssim": {}}
+    for b in iter_batches(test, 8, shuffle=False):
+        lr_up, hr = _centre(b, scale)
+        lr = to_lr_units(b, scale)[schema.lr_column(scale)]
+        sr = torch.from_numpy(pred.predict_triplets(
+            lr, scale, b[prior_col] if prior_col in b else None))[:, None]
+        dr = (hr.flatten(1).max(1).values - hr.flatten(1).min(1).values).clamp_min(1e-6)
+        imgs = [("bicubic", lr_up)]
+        for name, model in models.items():
+            c = model(lr_up)
+            c_bp = back_project(c[:, 0], torch.from_numpy(np.ascontiguousarray(lr[:, 1])),
+                                inf.back_projection_steps, inf.back_projection_weight)
+            imgs += [(name, c), (f"{name}_bp", c_bp[:, None])]
+        for name, img in (*imgs, ("pgasr", sr)):
+            scores["psnr"].setdefault(name, []).append(psnr(img, hr, dr))
+            scores["ssim"].setdefault(name, []).append(ssim(img, hr, dr))
+    return {k: {m: float(torch.cat(v).mean()) for m, v in d.items()} for k, d in scores.items()}
+
+
 def compare_with_pgasr(checkpoint: str, data_dir: str, scale: int, *, seconds: float | None,
                        batch_size: int = 16, seed: int = 0, save_to: str | None = None,
                        baselines: tuple[str, ...] = ("cnn",), max_steps: int = 0) -> dict:
@@ -238,9 +270,7 @@ def compare_with_pgasr(checkpoint: str, data_dir: str, scale: int, *, seconds: f
     "baselines": {arch: {"seconds", "steps", "epochs"}}}`` (``seconds``/``steps``: the first
     baseline's).
     """
-    from pgasr.consistency import back_project
     from pgasr.data.batches import read_split
-    from pgasr.inference import Predictor
 
     cols = [schema.HR, schema.lr_column(scale), schema.lr_norm_column(scale)]
     train = read_split(data_dir, "train", cols)
@@ -260,28 +290,8 @@ def compare_with_pgasr(checkpoint: str, data_dir: str, scale: int, *, seconds: f
                 dest = dest.with_name(dest.name.replace("cnn", arch) if "cnn" in dest.name
                                       else f"{dest.name}_{arch}")
             save_cnn(models[arch], dest, {"scale": scale, "data": str(data_dir), **infos[arch]})
-    pred = Predictor.from_checkpoint(checkpoint, device="cpu")
-    inf = pred.cfg.inference
-    prior_col = schema.prior_lr_column(scale)
-    scores: dict[str, dict[str, list]] = {"psnr": {}, "ssim": {}}
-    with torch.no_grad():
-        for b in iter_batches(test, 8, shuffle=False):
-            lr_up, hr = _centre(b, scale)
-            lr = to_lr_units(b, scale)[schema.lr_column(scale)]
-            sr = torch.from_numpy(pred.predict_triplets(
-                lr, scale, b[prior_col] if prior_col in b else None))[:, None]
-            dr = (hr.flatten(1).max(1).values - hr.flatten(1).min(1).values).clamp_min(1e-6)
-            imgs = [("bicubic", lr_up)]
-            for arch, model in models.items():
-                c = model(lr_up)
-                # with PGASR's data-consistency step too, so that step is not what decides
-                c_bp = back_project(c[:, 0], torch.from_numpy(np.ascontiguousarray(lr[:, 1])),
-                                    inf.back_projection_steps, inf.back_projection_weight)
-                imgs += [(BASELINE_NAMES[arch], c), (f"{BASELINE_NAMES[arch]}_bp", c_bp[:, None])]
-            for name, img in (*imgs, ("pgasr", sr)):
-                scores["psnr"].setdefault(name, []).append(psnr(img, hr, dr))
-                scores["ssim"].setdefault(name, []).append(ssim(img, hr, dr))
-    out = {k: {m: float(torch.cat(v).mean()) for m, v in d.items()} for k, d in scores.items()}
+    out = score_test_slices(checkpoint, test, scale,
+                            {BASELINE_NAMES[arch]: m for arch, m in models.items()})
     first = infos[baselines[0]]
     return {"seconds": first["seconds"], "steps": first["steps"],
             "slices": int(len(test[schema.HR])), **out,
